@@ -1,0 +1,140 @@
+// CPU implementations of the mtlgrad ops: argument checks, contiguity, the split of the work over
+// threads and the fixed-order reduction of the per-block partial sums. The arithmetic lives in
+// the per-instruction-set kernels (kernels_impl.h).
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../task_grads.h"
+#include "dispatch.h"
+#include "kernels.h"
+
+namespace mtlgrad {
+namespace {
+
+cpu::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::DType::Float32;
+    case at::kDouble: return cpu::DType::Float64;
+    case at::kHalf: return cpu::DType::Float16;
+    case at::kBFloat16: return cpu::DType::BFloat16;
+    default: TORCH_CHECK(false, "unreachable: unsupported dtype ", t);
+  }
+}
+
+// Raw pointers to contiguous versions of the gradients; non-contiguous ones are copied (kept
+// alive in `keep`).
+std::vector<const void*> contiguous_pointers(at::TensorList grads, std::vector<at::Tensor>& keep) {
+  std::vector<const void*> ptrs(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].is_contiguous()) {
+      ptrs[i] = grads[i].data_ptr();
+    } else {
+      keep.push_back(grads[i].contiguous());
+      ptrs[i] = keep.back().data_ptr();
+    }
+  }
+  return ptrs;
+}
+
+void check_cpu(const TaskGradLayout& layout, const char* op) {
+  TORCH_CHECK_VALUE(layout.device.is_cpu(), op, ": the CPU kernel got tensors on ", layout.device);
+}
+
+std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList grads, int64_t num_tasks) {
+  const TaskGradLayout layout = check_task_grads("mtlgrad.gram", grads, num_tasks);
+  const int64_t T = num_tasks;
+  at::Tensor gram = at::zeros({T, T}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor nonfinite = at::full({T}, -1, at::TensorOptions().dtype(at::kLong));
+  if (layout.num_tensors == 0 || layout.numel_per_task() == 0) return {gram, nonfinite};
+  check_cpu(layout, "mtlgrad.gram");
+
+  std::vector<at::Tensor> keep;
+  const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
+  const cpu::TaskTensors tasks{T, layout.num_tensors, to_kernel_dtype(layout.dtype), ptrs.data(),
+                               layout.offsets.data()};
+  const cpu::Kernels& kernels = cpu::active_kernels();
+
+  // One block of consecutive chunks per thread; each block sums its chunks in fp64, and the
+  // blocks are added in block order, so the result depends only on the thread count.
+  const int64_t chunk = cpu::gram_chunk_elements(T, tasks.dtype);
+  const int64_t chunks = (layout.numel_per_task() + chunk - 1) / chunk;
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(at::get_num_threads(), 1), chunks);
+  const int64_t pairs = cpu::num_pairs(T);
+  std::vector<double> partial(static_cast<size_t>(blocks * pairs), 0.0);
+  std::vector<int64_t> first_bad(static_cast<size_t>(blocks * T), std::numeric_limits<int64_t>::max());
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      kernels.gram(tasks, b * chunks / blocks, (b + 1) * chunks / blocks, partial.data() + b * pairs,
+                   first_bad.data() + b * T);
+    }
+  });
+
+  double* g = gram.data_ptr<double>();
+  int64_t* bad = nonfinite.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t j = i; j < T; ++j) {
+      double s = 0;
+      for (int64_t b = 0; b < blocks; ++b) s += partial[b * pairs + cpu::pair_index(i, j, T)];
+      g[i * T + j] = s;
+      g[j * T + i] = s;
+    }
+    int64_t first = std::numeric_limits<int64_t>::max();
+    for (int64_t b = 0; b < blocks; ++b) first = std::min(first, first_bad[b * T + i]);
+    if (first != std::numeric_limits<int64_t>::max()) bad[i] = first;
+  }
+  return {gram, nonfinite};
+}
+
+void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out) {
+  const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks);
+  check_combine_args(layout, grads, weights, out, c10::kCPU);
+  const int64_t K = layout.num_tensors;
+  if (K == 0 || layout.numel_per_task() == 0) return;
+  check_cpu(layout, "mtlgrad.combine");
+
+  std::vector<at::Tensor> keep;
+  const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
+  const at::Tensor w = weights.to(at::kDouble).contiguous();
+
+  // Outputs that are not contiguous, or that share memory with an input (e.g. writing the result
+  // over task 0's gradient), are computed into a fresh tensor and copied at the end.
+  std::vector<at::Tensor> staged(static_cast<size_t>(K));
+  std::vector<void*> out_ptrs(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    bool direct = out[k].is_contiguous();
+    for (int64_t t = 0; direct && t < num_tasks; ++t) {
+      direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
+    }
+    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
+  }
+
+  const cpu::TaskTensors tasks{num_tasks, K, to_kernel_dtype(layout.dtype), ptrs.data(), layout.offsets.data()};
+  const cpu::Kernels& kernels = cpu::active_kernels();
+  const double* wp = w.data_ptr<double>();
+  at::parallel_for(0, layout.numel_per_task(), 1 << 16, [&](int64_t begin, int64_t end) {
+    kernels.combine(tasks, wp, out_ptrs.data(), begin, end);
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    if (staged[k].defined()) out[k].copy_(staged[k]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) {
+  m.impl("gram", &gram_cpu);
+  m.impl("combine", &combine_cpu);
+}
+
+}  // namespace mtlgrad

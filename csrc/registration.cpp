@@ -1,0 +1,13 @@
+// Schemas of the mtlgrad ops (namespace `mtlgrad`). One implementation file per device registers
+// the kernels (cpu/ops_cpu.cpp, cuda/ops_cuda.cu); mtlgrad/ops.py registers the fake
+// implementations used by torch.compile.
+#include <torch/library.h>
+
+TORCH_LIBRARY(mtlgrad, m) {
+  // grads: task-major list (task 0's tensors, then task 1's, ...), same shapes for every task.
+  // Returns the float64 T x T matrix of pairwise dot products, and for each task the index (within
+  // its list) of the first tensor holding a NaN or Inf, or -1.
+  m.def("gram(Tensor[] grads, int num_tasks) -> (Tensor gram, Tensor nonfinite)");
+  // out[k] = sum_t weights[t] * grads[t * K + k], written in place.
+  m.def("combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out) -> ()");
+}

@@ -1,0 +1,81 @@
+#include "task_grads.h"
+
+#include <c10/util/Exception.h>
+
+namespace mtlgrad {
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t num_tasks) {
+  TORCH_CHECK_VALUE(num_tasks >= 1, op, ": num_tasks must be at least 1, got ", num_tasks);
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK_VALUE(n % num_tasks == 0, op, ": got ", n, " tensors for num_tasks=", num_tasks,
+                    "; grads must hold the same number of tensors for every task, task-major "
+                    "(task 0's tensors, then task 1's, ...)");
+  TaskGradLayout layout;
+  layout.num_tasks = num_tasks;
+  layout.num_tensors = n / num_tasks;
+  layout.offsets.assign(static_cast<size_t>(layout.num_tensors) + 1, 0);
+  if (n == 0) return layout;
+
+  const at::Tensor& first = grads[0];
+  layout.dtype = first.scalar_type();
+  layout.device = first.device();
+  const int64_t K = layout.num_tensors;
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const at::Tensor& g = grads[t * K + k];
+      TORCH_CHECK_VALUE(g.defined(), op, ": tensor ", k, " of task ", t, " is undefined (None)");
+      TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": tensor ", k, " of task ", t,
+                        " has layout ", g.layout(), "; only dense (strided) tensors are supported");
+      TORCH_CHECK_TYPE(supported_dtype(g.scalar_type()), op, ": tensor ", k, " of task ", t, " has dtype ",
+                       g.scalar_type(), "; expected float32, float64, float16 or bfloat16");
+      TORCH_CHECK_TYPE(g.scalar_type() == layout.dtype, op, ": mixed dtypes: tensor ", k, " of task ", t,
+                       " is ", g.scalar_type(), " but tensor 0 of task 0 is ", layout.dtype,
+                       "; cast the gradients to one dtype");
+      TORCH_CHECK_VALUE(g.device() == layout.device, op, ": mixed devices: tensor ", k, " of task ", t,
+                        " is on ", g.device(), " but tensor 0 of task 0 is on ", layout.device);
+      const at::Tensor& ref = grads[k];
+      TORCH_CHECK_VALUE(g.sizes() == ref.sizes(), op, ": tensor ", k, " of task ", t, " has shape ",
+                        g.sizes(), " but tensor ", k, " of task 0 has shape ", ref.sizes(),
+                        "; every task must list the same shapes in the same order");
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) layout.offsets[k + 1] = layout.offsets[k] + grads[k].numel();
+  return layout;
+}
+
+void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, const at::Tensor& weights,
+                        at::TensorList out, c10::Device weights_device) {
+  const char* op = "mtlgrad.combine";
+  const int64_t T = layout.num_tasks;
+  const int64_t K = layout.num_tensors;
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == T, op, ": weights must have shape [", T,
+                    "] (one per task), got ", weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), op,
+                   ": weights must be a floating-point tensor, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == weights_device, op, ": weights are on ", weights.device(),
+                    " but must be on ", weights_device);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(),
+                    " output tensors for ", K, " tensors per task; out needs one tensor per gradient "
+                    "tensor of a task");
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor& o = out[k];
+    TORCH_CHECK_VALUE(o.defined(), op, ": output ", k, " is undefined (None)");
+    TORCH_CHECK_VALUE(o.layout() == at::kStrided, op, ": output ", k, " has layout ", o.layout(),
+                      "; only dense (strided) tensors are supported");
+    TORCH_CHECK_VALUE(o.sizes() == grads[k].sizes(), op, ": output ", k, " has shape ", o.sizes(),
+                      " but tensor ", k, " of each task has shape ", grads[k].sizes());
+    TORCH_CHECK_TYPE(o.scalar_type() == layout.dtype, op, ": output ", k, " has dtype ", o.scalar_type(),
+                     " but the gradients are ", layout.dtype);
+    TORCH_CHECK_VALUE(o.device() == layout.device, op, ": output ", k, " is on ", o.device(),
+                      " but the gradients are on ", layout.device);
+  }
+}
+
+}  // namespace mtlgrad

@@ -1,0 +1,33 @@
+// Validation and layout of the flat, task-major gradient lists that every mtlgrad op takes:
+// grads = [task 0's tensors..., task 1's tensors..., ...], the same shapes in the same order for
+// every task. Shared by the CPU and CUDA implementations so that both say the same thing about
+// bad input.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace mtlgrad {
+
+struct TaskGradLayout {
+  int64_t num_tasks = 0;
+  int64_t num_tensors = 0;           // per task
+  std::vector<int64_t> offsets;      // num_tensors + 1 prefix sums of the tensor sizes
+  at::ScalarType dtype = at::kFloat;
+  c10::Device device = c10::kCPU;
+
+  int64_t numel_per_task() const { return offsets.back(); }
+};
+
+// Checks the list (count, dtypes, devices, shapes) and returns its layout. `op` names the op in
+// error messages, e.g. "mtlgrad.gram".
+TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t num_tasks);
+
+// Checks combine's weights (1-D, num_tasks floats, on `device`) and outputs (one per tensor of a
+// task, same shape, dtype and device as the gradients).
+void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, const at::Tensor& weights,
+                        at::TensorList out, c10::Device weights_device);
+
+}  // namespace mtlgrad

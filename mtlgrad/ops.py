@@ -1,0 +1,241 @@
+"""Typed Python face of the native ops ``torch.ops.mtlgrad.*``.
+
+Gradients travel as one flat, task-major list: task 0's tensors, then task 1's, and so on, every
+task listing the same shapes in the same order (typically the ``.grad`` of each shared parameter).
+Nothing is concatenated: the kernels read the tensors where they are, in one pass.
+
+Both ops have fake (meta) implementations, so they trace under
+``torch.compile(fullgraph=True)``; pass ``check_finite=False`` to :func:`gram` there, since the
+check reads the result on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlgrad._extension import load as _load_extension
+
+_load_extension()  # registers torch.ops.mtlgrad.*
+
+__all__ = [
+    "NonFiniteGradientError",
+    "combine",
+    "cpu_kernels",
+    "gram",
+    "set_cpu_kernels",
+    "supported_cpu_kernels",
+]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class NonFiniteGradientError(ValueError):
+    """A task's gradient holds NaN or Inf.
+
+    Attributes:
+        tasks: the offending tasks, ascending.
+        tensor_indices: for each of them, the index (within that task's list) of the first
+            tensor holding a NaN or Inf.
+        names: the matching parameter names when they were given, else ``None``.
+    """
+
+    def __init__(
+        self, tasks: list[int], tensor_indices: list[int], names: list[str] | None
+    ) -> None:
+        self.tasks = tasks
+        self.tensor_indices = tensor_indices
+        self.names = names
+        parts = []
+        for i, (task, index) in enumerate(zip(tasks, tensor_indices)):
+            where = f"tensor {index}" if names is None else f"parameter '{names[i]}' (tensor {index})"
+            parts.append(f"task {task}: {where}")
+        super().__init__(
+            "non-finite gradient (NaN or Inf) in " + "; ".join(parts) + ". The loss of that task "
+            "diverged or overflowed; with mixed precision, use a GradScaler."
+        )
+
+
+def _num_tensors(grads: Sequence[Tensor], num_tasks: int, op: str) -> int:
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+        raise ValueError(f"{op}: num_tasks must be a positive int, got {num_tasks!r}")
+    if len(grads) % num_tasks:
+        raise ValueError(
+            f"{op}: got {len(grads)} tensors for num_tasks={num_tasks}; grads must hold the same "
+            "number of tensors for every task, task-major (task 0's tensors, then task 1's, ...)"
+        )
+    return len(grads) // num_tasks
+
+
+def gram(
+    grads: Sequence[Tensor],
+    num_tasks: int,
+    *,
+    check_finite: bool = True,
+    names: Sequence[str] | None = None,
+) -> Tensor:
+    """Gram matrix of the task gradients: ``G[i, j] = <g_i, g_j>`` over all their tensors.
+
+    Args:
+        grads: task-major list of ``num_tasks * K`` tensors (float32, float64, float16 or
+            bfloat16, all one dtype and device; contiguous or not).
+        num_tasks: T, the number of tasks.
+        check_finite: raise :class:`NonFiniteGradientError` when a task's gradient holds NaN or
+            Inf (the check is fused into the kernel; reading its result syncs with the device).
+            With ``False`` the non-finite values propagate into ``G``.
+        names: optional names of the K tensors of a task (e.g. parameter names), used in errors.
+
+    Returns:
+        float64 tensor of shape ``(T, T)`` on the gradients' device. Products are accumulated in
+        fp32 (fp64 for fp64 input) within chunks of at most a few thousand elements and in fp64
+        across chunks, in a fixed order: the result is deterministic for a given thread count.
+    """
+    grads = list(grads)
+    k = _num_tensors(grads, num_tasks, "mtlgrad.gram")
+    if names is not None and len(names) != k:
+        raise ValueError(f"mtlgrad.gram: got {len(names)} names for {k} tensors per task")
+    if not grads:
+        return torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    result, nonfinite = torch.ops.mtlgrad.gram(grads, num_tasks)
+    if check_finite:
+        first = nonfinite.tolist()
+        tasks = [t for t, index in enumerate(first) if index >= 0]
+        if tasks:
+            indices = [first[t] for t in tasks]
+            raise NonFiniteGradientError(
+                tasks, indices, None if names is None else [names[i] for i in indices]
+            )
+    return result
+
+
+def combine(
+    grads: Sequence[Tensor],
+    num_tasks: int,
+    weights: Tensor | Sequence[float],
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """Weighted sum of the task gradients: ``out[k] = sum_t weights[t] * grads[t * K + k]``.
+
+    Args:
+        grads: task-major list of ``num_tasks * K`` tensors, as for :func:`gram`.
+        num_tasks: T, the number of tasks.
+        weights: T weights (a 1-D floating tensor on the gradients' device, or a sequence of
+            floats). Accumulation is in fp32 (fp64 for fp64 gradients).
+        out: K tensors to write into (same shapes, dtype and device as a task's gradients). They
+            may be non-contiguous or alias one of the inputs (e.g. task 0's gradients). Allocated
+            when omitted. On an error nothing is written.
+
+    Returns:
+        The K output tensors.
+    """
+    grads = list(grads)
+    k = _num_tensors(grads, num_tasks, "mtlgrad.combine")
+    if not isinstance(weights, Tensor):
+        device = grads[0].device if grads else None
+        weights = torch.tensor(list(weights), dtype=torch.float64, device=device)
+    if out is None:
+        out = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads[:k]]
+    else:
+        out = list(out)
+    if not grads:
+        if weights.dim() != 1 or weights.numel() != num_tasks:
+            raise ValueError(
+                f"mtlgrad.combine: weights must have shape [{num_tasks}] (one per task), "
+                f"got {list(weights.shape)}"
+            )
+        if out:
+            raise ValueError(f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task")
+        return out
+    torch.ops.mtlgrad.combine(grads, num_tasks, weights, out)
+    return out
+
+
+def cpu_kernels() -> str:
+    """Name of the CPU kernel set in use: ``generic``, ``avx2`` or ``avx512``.
+
+    The widest set the CPU supports is chosen at import; the environment variable
+    ``MTLGRAD_CPU_KERNELS`` overrides it.
+    """
+    from mtlgrad import _C
+
+    return _C.cpu_kernels()
+
+
+def supported_cpu_kernels() -> list[str]:
+    """Names of the CPU kernel sets this CPU can run, narrowest first."""
+    from mtlgrad import _C
+
+    return list(_C.supported_cpu_kernels())
+
+
+def set_cpu_kernels(name: str) -> str:
+    """Selects the CPU kernel set (for testing and benchmarking); returns the previous one."""
+    from mtlgrad import _C
+
+    return _C.set_cpu_kernels(name)
+
+
+# ---- fake implementations (torch.compile, meta tensors) -------------------------------------
+
+
+def _check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
+    """The same checks as the native ops (csrc/task_grads.cpp), for fake and meta tensors."""
+    k = _num_tensors(grads, num_tasks, op)
+    if not grads:
+        return k
+    first = grads[0]
+    for t in range(num_tasks):
+        for i in range(k):
+            g = grads[t * k + i]
+            where = f"tensor {i} of task {t}"
+            if g.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{op}: {where} has dtype {g.dtype}; expected float32, float64, float16 or "
+                    "bfloat16"
+                )
+            if g.dtype != first.dtype:
+                raise TypeError(
+                    f"{op}: mixed dtypes: {where} is {g.dtype} but tensor 0 of task 0 is "
+                    f"{first.dtype}; cast the gradients to one dtype"
+                )
+            if g.device != first.device:
+                raise ValueError(
+                    f"{op}: mixed devices: {where} is on {g.device} but tensor 0 of task 0 is on "
+                    f"{first.device}"
+                )
+            if g.shape != grads[i].shape:
+                raise ValueError(
+                    f"{op}: {where} has shape {list(g.shape)} but tensor {i} of task 0 has shape "
+                    f"{list(grads[i].shape)}; every task must list the same shapes in the same order"
+                )
+    return k
+
+
+@torch.library.register_fake("mtlgrad::gram")
+def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
+    _check_task_grads("mtlgrad.gram", grads, num_tasks)
+    like = grads[0]
+    return (
+        like.new_empty((num_tasks, num_tasks), dtype=torch.float64),
+        like.new_empty((num_tasks,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("mtlgrad::combine")
+def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: list[Tensor]) -> None:
+    op = "mtlgrad.combine"
+    k = _check_task_grads(op, grads, num_tasks)
+    if weights.dim() != 1 or weights.numel() != num_tasks:
+        raise ValueError(
+            f"{op}: weights must have shape [{num_tasks}] (one per task), got {list(weights.shape)}"
+        )
+    if len(out) != k:
+        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
+    for i, o in enumerate(out):
+        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
+            raise ValueError(
+                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
+                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
+            )
