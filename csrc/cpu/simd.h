@@ -66,14 +66,22 @@ static inline void vstore(S* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// Sum of the lanes in a fixed order (results are reproducible run to run).
+// Sum of the lanes by halving, in a fixed order (results are reproducible run to run). Shuffles,
+// not memory: taking the accumulators' address would keep them out of registers.
 template <typename S, typename V>
 static inline S hsum(V v) {
-  constexpr int w = sizeof(V) / sizeof(S);
-  S s = 0;
-#pragma GCC unroll 16
-  for (int i = 0; i < w; ++i) s += v[i];
-  return s;
+  constexpr int w = int(sizeof(V) / sizeof(S));
+  if constexpr (w == 16) {
+    return hsum<S>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else if constexpr (w == 8) {
+    return hsum<S>(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+  } else if constexpr (w == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    static_assert(w == 2, "unexpected vector width");
+    return v[0] + v[1];
+  }
 }
 
 // ---- scalar conversions ------------------------------------------------------------------
