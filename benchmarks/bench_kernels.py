@@ -3,7 +3,8 @@ pure-PyTorch way (torch.cat, then matmul), all measured in one run.
 
     python benchmarks/bench_kernels.py                 # T=8, P=10M fp32 over 100 tensors, CPU
     python benchmarks/bench_kernels.py --quick         # smaller problem, a few seconds
-    python benchmarks/bench_kernels.py --tasks 8 32 --params 100_000_000 --dtype bfloat16 --device cuda
+    python benchmarks/bench_kernels.py --device cuda --tasks 8 32 --params 100_000_000 \
+        --dtype float32 bfloat16
 
 Every figure is the median of several timed repetitions after warm-up; inputs are rotated over
 enough copies that the caches do not hold the previous repetition's data. Ratios are computed
@@ -58,8 +59,15 @@ class Timer:
         return statistics.median(times)
 
 
-def run(tasks: int, params: int, tensors: int, dtype: torch.dtype, device: torch.device,
-        timer: Timer, with_cat: bool) -> list[tuple[str, float, str]]:
+def run(
+    tasks: int,
+    params: int,
+    tensors: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    timer: Timer,
+    with_cat: bool,
+) -> list[tuple[str, float, str]]:
     gen = torch.Generator().manual_seed(0)
     sizes = split_sizes(params, tensors, gen)
     elem = torch.finfo(dtype).bits // 8
@@ -104,11 +112,16 @@ def run(tasks: int, params: int, tensors: int, dtype: torch.dtype, device: torch
     rows.append(("mtlgrad.ops.gram", t_gram, f"{t_gram / read_floor:.2f}x floor"))
     rows.append(("J @ J.T (contiguous J)", t_mm, f"mtlgrad {t_mm / t_gram:.1f}x faster"))
     if with_cat:
+
         def cat_matmul(i: int) -> torch.Tensor:
             grads = lists[pick(i)]
             per_task = len(grads) // tasks
-            J = torch.stack([torch.cat([g.reshape(-1) for g in grads[t * per_task:(t + 1) * per_task]])
-                             for t in range(tasks)])
+            J = torch.stack(
+                [
+                    torch.cat([g.reshape(-1) for g in grads[t * per_task : (t + 1) * per_task]])
+                    for t in range(tasks)
+                ]
+            )
             return J @ J.T
 
         t_cat = timer(cat_matmul)
@@ -123,14 +136,18 @@ def run(tasks: int, params: int, tensors: int, dtype: torch.dtype, device: torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tasks", type=int, nargs="+", default=[8])
     parser.add_argument("--params", type=int, nargs="+", default=[10_000_000])
     parser.add_argument("--tensors", type=int, default=100)
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--no-cat", action="store_true", help="skip the torch.cat + matmul baseline")
+    parser.add_argument(
+        "--no-cat", action="store_true", help="skip the torch.cat + matmul baseline"
+    )
     parser.add_argument("--quick", action="store_true", help="P=2M, fewer repetitions")
     args = parser.parse_args()
     if args.quick:
@@ -139,15 +156,25 @@ def main() -> None:
 
     device = torch.device(args.device)
     timer = Timer(device, warmup=2, repeat=args.repeat)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads, {ops.cpu_kernels()} kernels")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads, {ops.cpu_kernels()} kernels"
+    )
     print(f"mtlgrad {mtlgrad.__version__}, torch {torch.__version__}, {where}")
     for dtype_name in args.dtype:
         for tasks in args.tasks:
             for params in args.params:
                 print(f"\nT={tasks}, P={params:,} {dtype_name} over {args.tensors} tensors")
-                rows = run(tasks, params, args.tensors, DTYPES[dtype_name], device, timer,
-                           with_cat=not args.no_cat)
+                rows = run(
+                    tasks,
+                    params,
+                    args.tensors,
+                    DTYPES[dtype_name],
+                    device,
+                    timer,
+                    with_cat=not args.no_cat,
+                )
                 width = max(len(r[0]) for r in rows)
                 for name, seconds, note in rows:
                     print(f"  {name:<{width}}  {seconds * 1e3:9.2f} ms  {note}")

@@ -1,9 +1,8 @@
 // The Python extension module mtlgrad._C. Loading it registers the ops (torch.ops.mtlgrad.*);
 // the module itself only carries build information and the CPU kernel selection.
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-
-#include <c10/util/Exception.h>
 
 #include <string>
 
@@ -21,8 +20,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_kernels", []() { return std::string(mtlgrad::cpu::active_kernels().name); },
-        "Name of the CPU kernel set in use (generic, avx2 or avx512).");
+  m.def(
+      "cpu_kernels", []() { return std::string(mtlgrad::cpu::active_kernels().name); },
+      "Name of the CPU kernel set in use (generic, avx2 or avx512).");
   m.def("supported_cpu_kernels", &mtlgrad::cpu::supported_kernels,
         "Names of the CPU kernel sets this CPU can run, narrowest first.");
   m.def(
@@ -34,6 +34,5 @@ PYBIND11_MODULE(_C, m) {
           throw pybind11::value_error(e.what_without_backtrace());
         }
       },
-      pybind11::arg("name"),
-        "Selects the CPU kernel set by name; returns the previous one.");
+      pybind11::arg("name"), "Selects the CPU kernel set by name; returns the previous one.");
 }

@@ -31,8 +31,8 @@ TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t nu
     for (int64_t k = 0; k < K; ++k) {
       const at::Tensor& g = grads[t * K + k];
       TORCH_CHECK_VALUE(g.defined(), op, ": tensor ", k, " of task ", t, " is undefined (None)");
-      TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": tensor ", k, " of task ", t,
-                        " has layout ", g.layout(), "; only dense (strided) tensors are supported");
+      TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": tensor ", k, " of task ", t, " has layout ",
+                        g.layout(), "; only dense (strided) tensors are supported");
       TORCH_CHECK_TYPE(supported_dtype(g.scalar_type()), op, ": tensor ", k, " of task ", t, " has dtype ",
                        g.scalar_type(), "; expected float32, float64, float16 or bfloat16");
       TORCH_CHECK_TYPE(g.scalar_type() == layout.dtype, op, ": mixed dtypes: tensor ", k, " of task ", t,
@@ -61,8 +61,9 @@ void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, cons
                    ": weights must be a floating-point tensor, got ", weights.scalar_type());
   TORCH_CHECK_VALUE(weights.device() == weights_device, op, ": weights are on ", weights.device(),
                     " but must be on ", weights_device);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(),
-                    " output tensors for ", K, " tensors per task; out needs one tensor per gradient "
+  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(), " output tensors for ",
+                    K,
+                    " tensors per task; out needs one tensor per gradient "
                     "tensor of a task");
   for (int64_t k = 0; k < K; ++k) {
     const at::Tensor& o = out[k];

@@ -13,8 +13,8 @@ namespace mtlgrad {
 
 struct TaskGradLayout {
   int64_t num_tasks = 0;
-  int64_t num_tensors = 0;           // per task
-  std::vector<int64_t> offsets;      // num_tensors + 1 prefix sums of the tensor sizes
+  int64_t num_tensors = 0;       // per task
+  std::vector<int64_t> offsets;  // num_tensors + 1 prefix sums of the tensor sizes
   at::ScalarType dtype = at::kFloat;
   c10::Device device = c10::kCPU;
 

@@ -50,7 +50,9 @@ class NonFiniteGradientError(ValueError):
         self.names = names
         parts = []
         for i, (task, index) in enumerate(zip(tasks, tensor_indices)):
-            where = f"tensor {index}" if names is None else f"parameter '{names[i]}' (tensor {index})"
+            where = (
+                f"tensor {index}" if names is None else f"parameter '{names[i]}' (tensor {index})"
+            )
             parts.append(f"task {task}: {where}")
         super().__init__(
             "non-finite gradient (NaN or Inf) in " + "; ".join(parts) + ". The loss of that task "
@@ -146,7 +148,9 @@ def combine(
                 f"got {list(weights.shape)}"
             )
         if out:
-            raise ValueError(f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task")
+            raise ValueError(
+                f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task"
+            )
         return out
     torch.ops.mtlgrad.combine(grads, num_tasks, weights, out)
     return out
@@ -207,8 +211,9 @@ def _check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
                 )
             if g.shape != grads[i].shape:
                 raise ValueError(
-                    f"{op}: {where} has shape {list(g.shape)} but tensor {i} of task 0 has shape "
-                    f"{list(grads[i].shape)}; every task must list the same shapes in the same order"
+                    f"{op}: {where} has shape {list(g.shape)} but tensor {i} of task 0 has "
+                    f"shape {list(grads[i].shape)}; every task must list the same shapes in the "
+                    "same order"
                 )
     return k
 

@@ -36,7 +36,6 @@ constexpr int kRectRows = 2;
 constexpr int64_t kPad = 64;
 constexpr int64_t kCombineBlock = 2048;
 
-
 template <typename T>
 struct Buffer {
   T* data;
@@ -69,7 +68,8 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Unique products of N rows over n elements (n a multiple of kPad); out gets the N(N+1)/2 sums
 // in packed row-major order. Small tiles unroll over elements so that enough independent
-// accumulators hide the FMA latency.
+// accumulators hide the FMA latency. Tiles are not inlined: each is register-allocated on its
+// own, which keeps every accumulator in a register.
 template <typename S, int N>
 __attribute__((noinline)) static void symmetric_tile(const S* const* rows, int64_t n, S* out) {
   using V = typename Simd<S>::V;
@@ -104,7 +104,8 @@ __attribute__((noinline)) static void symmetric_tile(const S* const* rows, int64
 
 // Products of A rows with B columns over n elements; out gets A x B sums, row-major.
 template <typename S, int A, int B>
-__attribute__((noinline)) static void rectangular_tile(const S* const* rows, const S* const* cols, int64_t n, S* out) {
+__attribute__((noinline)) static void rectangular_tile(const S* const* rows, const S* const* cols, int64_t n,
+                                                       S* out) {
   using V = typename Simd<S>::V;
   constexpr int W = Simd<S>::W;
   constexpr int U = A * B >= 8 ? 1 : 2;
@@ -143,15 +144,21 @@ __attribute__((noinline)) static void rectangular_tile(const S* const* rows, con
 template <typename S>
 static void run_symmetric(int size, const S* const* rows, int64_t n, S* out) {
   switch (size) {
-    case 1: return symmetric_tile<S, 1>(rows, n, out);
-    case 2: return symmetric_tile<S, 2>(rows, n, out);
-    case 3: return symmetric_tile<S, 3>(rows, n, out);
-    case 4: return symmetric_tile<S, 4>(rows, n, out);
+    case 1:
+      return symmetric_tile<S, 1>(rows, n, out);
+    case 2:
+      return symmetric_tile<S, 2>(rows, n, out);
+    case 3:
+      return symmetric_tile<S, 3>(rows, n, out);
+    case 4:
+      return symmetric_tile<S, 4>(rows, n, out);
   }
   if constexpr (kGroup >= 6) {
     switch (size) {
-      case 5: return symmetric_tile<S, 5>(rows, n, out);
-      case 6: return symmetric_tile<S, 6>(rows, n, out);
+      case 5:
+        return symmetric_tile<S, 5>(rows, n, out);
+      case 6:
+        return symmetric_tile<S, 6>(rows, n, out);
     }
   }
   std::abort();  // unreachable: size <= kGroup
@@ -160,15 +167,21 @@ static void run_symmetric(int size, const S* const* rows, int64_t n, S* out) {
 template <typename S, int A>
 static void run_rectangular_cols(int b, const S* const* rows, const S* const* cols, int64_t n, S* out) {
   switch (b) {
-    case 1: return rectangular_tile<S, A, 1>(rows, cols, n, out);
-    case 2: return rectangular_tile<S, A, 2>(rows, cols, n, out);
-    case 3: return rectangular_tile<S, A, 3>(rows, cols, n, out);
-    case 4: return rectangular_tile<S, A, 4>(rows, cols, n, out);
+    case 1:
+      return rectangular_tile<S, A, 1>(rows, cols, n, out);
+    case 2:
+      return rectangular_tile<S, A, 2>(rows, cols, n, out);
+    case 3:
+      return rectangular_tile<S, A, 3>(rows, cols, n, out);
+    case 4:
+      return rectangular_tile<S, A, 4>(rows, cols, n, out);
   }
   if constexpr (kGroup >= 6) {
     switch (b) {
-      case 5: return rectangular_tile<S, A, 5>(rows, cols, n, out);
-      case 6: return rectangular_tile<S, A, 6>(rows, cols, n, out);
+      case 5:
+        return rectangular_tile<S, A, 5>(rows, cols, n, out);
+      case 6:
+        return rectangular_tile<S, A, 6>(rows, cols, n, out);
     }
   }
   std::abort();
@@ -177,13 +190,17 @@ static void run_rectangular_cols(int b, const S* const* rows, const S* const* co
 template <typename S>
 static void run_rectangular(int a, int b, const S* const* rows, const S* const* cols, int64_t n, S* out) {
   switch (a) {
-    case 1: return run_rectangular_cols<S, 1>(b, rows, cols, n, out);
-    case 2: return run_rectangular_cols<S, 2>(b, rows, cols, n, out);
+    case 1:
+      return run_rectangular_cols<S, 1>(b, rows, cols, n, out);
+    case 2:
+      return run_rectangular_cols<S, 2>(b, rows, cols, n, out);
   }
   if constexpr (kRectRows >= 4) {
     switch (a) {
-      case 3: return run_rectangular_cols<S, 3>(b, rows, cols, n, out);
-      case 4: return run_rectangular_cols<S, 4>(b, rows, cols, n, out);
+      case 3:
+        return run_rectangular_cols<S, 3>(b, rows, cols, n, out);
+      case 4:
+        return run_rectangular_cols<S, 4>(b, rows, cols, n, out);
     }
   }
   std::abort();
@@ -252,8 +269,7 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
     int64_t padded = n;
     if (std::is_same_v<In, S> && e1 <= off[k + 1] && n % kPad == 0) {
       // The chunk lies inside one tensor: read it where it is.
-      for (int64_t t = 0; t < T; ++t)
-        rows.data[t] = static_cast<const S*>(g.data[t * K + k]) + (e0 - off[k]);
+      for (int64_t t = 0; t < T; ++t) rows.data[t] = static_cast<const S*>(g.data[t * K + k]) + (e0 - off[k]);
     } else {
       // Gather the chunk (it spans tensors, needs conversion, or ends in a partial vector).
       padded = (n + kPad - 1) / kPad * kPad;
@@ -308,10 +324,14 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
 static void gram(const TaskTensors& g, int64_t chunk_begin, int64_t chunk_end, double* out,
                  int64_t* first_nonfinite) {
   switch (g.dtype) {
-    case DType::Float32: return gram_chunks<float, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
-    case DType::Float64: return gram_chunks<double, double>(g, chunk_begin, chunk_end, out, first_nonfinite);
-    case DType::Float16: return gram_chunks<Half16, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
-    case DType::BFloat16: return gram_chunks<BFloat16, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
+    case DType::Float32:
+      return gram_chunks<float, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
+    case DType::Float64:
+      return gram_chunks<double, double>(g, chunk_begin, chunk_end, out, first_nonfinite);
+    case DType::Float16:
+      return gram_chunks<Half16, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
+    case DType::BFloat16:
+      return gram_chunks<BFloat16, float>(g, chunk_begin, chunk_end, out, first_nonfinite);
   }
 }
 
@@ -369,10 +389,18 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
       for (int j = 0; j < m; ++j) rows[j] = static_cast<const In*>(g.data[(t0 + j) * K + k]) + local;
       const bool first = t0 == 0;
       switch (m) {
-        case 1: weighted_rows<In, S, 1>(dst, rows, w.data + t0, n, first); break;
-        case 2: weighted_rows<In, S, 2>(dst, rows, w.data + t0, n, first); break;
-        case 3: weighted_rows<In, S, 3>(dst, rows, w.data + t0, n, first); break;
-        default: weighted_rows<In, S, 4>(dst, rows, w.data + t0, n, first); break;
+        case 1:
+          weighted_rows<In, S, 1>(dst, rows, w.data + t0, n, first);
+          break;
+        case 2:
+          weighted_rows<In, S, 2>(dst, rows, w.data + t0, n, first);
+          break;
+        case 3:
+          weighted_rows<In, S, 3>(dst, rows, w.data + t0, n, first);
+          break;
+        default:
+          weighted_rows<In, S, 4>(dst, rows, w.data + t0, n, first);
+          break;
       }
     }
     if constexpr (!std::is_same_v<In, S>) {
@@ -385,22 +413,27 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
   }
 }
 
-static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin, int64_t end) {
+static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
+                    int64_t end) {
   switch (g.dtype) {
-    case DType::Float32: return combine_range<float, float>(g, weights, out, begin, end);
-    case DType::Float64: return combine_range<double, double>(g, weights, out, begin, end);
-    case DType::Float16: return combine_range<Half16, float>(g, weights, out, begin, end);
-    case DType::BFloat16: return combine_range<BFloat16, float>(g, weights, out, begin, end);
+    case DType::Float32:
+      return combine_range<float, float>(g, weights, out, begin, end);
+    case DType::Float64:
+      return combine_range<double, double>(g, weights, out, begin, end);
+    case DType::Float16:
+      return combine_range<Half16, float>(g, weights, out, begin, end);
+    case DType::BFloat16:
+      return combine_range<BFloat16, float>(g, weights, out, begin, end);
   }
 }
 
 }  // namespace mtlgrad::cpu::MTLGRAD_ISA
 
 // Defines the instruction set's entry point, e.g. mtlgrad::cpu::avx2_kernels().
-#define MTLGRAD_DEFINE_KERNELS(isa)                                                 \
-  namespace mtlgrad::cpu {                                                          \
-  const Kernels& isa##_kernels() {                                                  \
-    static const Kernels kernels{#isa, &isa::gram, &isa::combine};                  \
-    return kernels;                                                                 \
-  }                                                                                 \
+#define MTLGRAD_DEFINE_KERNELS(isa)                                \
+  namespace mtlgrad::cpu {                                         \
+  const Kernels& isa##_kernels() {                                 \
+    static const Kernels kernels{#isa, &isa::gram, &isa::combine}; \
+    return kernels;                                                \
+  }                                                                \
   }

@@ -23,11 +23,16 @@ namespace {
 
 cpu::DType to_kernel_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return cpu::DType::Float32;
-    case at::kDouble: return cpu::DType::Float64;
-    case at::kHalf: return cpu::DType::Float16;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    default: TORCH_CHECK(false, "unreachable: unsupported dtype ", t);
+    case at::kFloat:
+      return cpu::DType::Float32;
+    case at::kDouble:
+      return cpu::DType::Float64;
+    case at::kHalf:
+      return cpu::DType::Float16;
+    case at::kBFloat16:
+      return cpu::DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "unreachable: unsupported dtype ", t);
   }
 }
 
@@ -119,7 +124,8 @@ void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weig
     out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
   }
 
-  const cpu::TaskTensors tasks{num_tasks, K, to_kernel_dtype(layout.dtype), ptrs.data(), layout.offsets.data()};
+  const cpu::TaskTensors tasks{num_tasks, K, to_kernel_dtype(layout.dtype), ptrs.data(),
+                               layout.offsets.data()};
   const cpu::Kernels& kernels = cpu::active_kernels();
   const double* wp = w.data_ptr<double>();
   at::parallel_for(0, layout.numel_per_task(), 1 << 16, [&](int64_t begin, int64_t end) {

@@ -132,9 +132,9 @@ static inline Half16 half_from_float(float f) {
   const uint32_t u = float_to_bits(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return Half16{uint16_t(sign | 0x7e00u)};       // NaN
-  if (a >= 0x477ff000u) return Half16{uint16_t(sign | 0x7c00u)};      // >= 65520: infinity
-  if (a < 0x38800000u) {                                              // below 2^-14: subnormal
+  if (a > 0x7f800000u) return Half16{uint16_t(sign | 0x7e00u)};   // NaN
+  if (a >= 0x477ff000u) return Half16{uint16_t(sign | 0x7c00u)};  // >= 65520: infinity
+  if (a < 0x38800000u) {                                          // below 2^-14: subnormal
     // Adding 0.5 moves the value into the binade where the float's last mantissa bits are the
     // half's subnormal bits, and the float addition rounds to nearest even for us.
     const float shifted = bits_to_float(a) + 0.5f;
@@ -181,8 +181,7 @@ static inline FloatVec load_as(const BFloat16* p) {
   return FloatVec(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
 }
 static inline void store_from(Half16* p, FloatVec v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT));
 }
 static inline void store_from(BFloat16* p, FloatVec v) {
   const __m512i u = _mm512_castps_si512(__m512(v));

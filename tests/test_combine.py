@@ -1,0 +1,93 @@
+"""mtlgrad.ops.combine against a float64 reference, on every CPU kernel set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_task_grads, task_matrix
+
+from mtlgrad import ops
+
+ODD_SHAPES = [(1,), (7,), (1023,), (33, 31), (0,), (4, 0, 3), (2049,)]
+# Output rounding dominates for 16-bit outputs; fp32 accumulation for the rest.
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-14, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_combine_close(out, grads, num_tasks, weights) -> None:
+    J = task_matrix(grads, num_tasks)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    expected = w @ J
+    scale = w.abs() @ J.abs()
+    got = torch.cat([o.reshape(-1).double() for o in out]) if out else torch.zeros(0)
+    error = (got - expected).abs()
+    bound = RTOL[grads[0].dtype] * num_tasks * scale + 1e-300
+    assert (error <= bound).all(), f"max error / bound = {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8, 64])
+def test_matches_float64_reference(cpu_kernels: str, dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    weights = torch.randn(
+        num_tasks, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    out = ops.combine(grads, num_tasks, weights)
+    assert [o.shape for o in out] == [g.shape for g in grads[: len(ODD_SHAPES)]]
+    assert all(o.dtype == dtype for o in out)
+    assert_combine_close(out, grads, num_tasks, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensor_in_place(cpu_kernels: str, dtype: torch.dtype) -> None:
+    grads = random_task_grads([(10**6 + 3,), (5,)], 8, dtype, seed=2)
+    out = [torch.full_like(g, 123.0) for g in grads[:2]]
+    weights = [0.5, -1.0, 2.0, 0.0, 1e-3, 3.0, 1.0, -0.25]
+    returned = ops.combine(grads, 8, weights, out)
+    assert returned[0] is out[0] and returned[1] is out[1]
+    assert_combine_close(out, grads, 8, weights)
+
+
+def test_output_may_alias_an_input(cpu_kernels: str) -> None:
+    grads = random_task_grads([(5000,), (3, 7)], 6, seed=3)
+    reference_inputs = [g.clone() for g in grads]
+    weights = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    # Write the result over task 4's gradients (read by a later pass over the tasks).
+    ops.combine(grads, 6, weights, out=grads[8:10])
+    assert_combine_close(grads[8:10], reference_inputs, 6, weights)
+
+
+def test_non_contiguous_inputs_and_outputs(cpu_kernels: str) -> None:
+    base = random_task_grads([(40, 30)], 3, seed=4)
+    grads = [b.T for b in base]
+    out = [torch.zeros(40, 30).T]  # a transposed (non-contiguous) view
+    assert not out[0].is_contiguous() and out[0].shape == grads[0].shape
+    weights = [1.0, 2.0, 3.0]
+    ops.combine(grads, 3, weights, out)
+    assert_combine_close(out, grads, 3, weights)
+
+
+def test_weights_accept_any_float_dtype_and_sequences(cpu_kernels: str) -> None:
+    grads = random_task_grads([(100,)], 2, seed=5)
+    for weights in ([0.25, 0.75], (0.25, 0.75), torch.tensor([0.25, 0.75], dtype=torch.float32)):
+        out = ops.combine(grads, 2, weights)
+        torch.testing.assert_close(out[0], 0.25 * grads[0] + 0.75 * grads[1])
+
+
+def test_zero_size_and_empty(cpu_kernels: str) -> None:
+    grads = random_task_grads([(0,), (2, 0)], 3)
+    out = ops.combine(grads, 3, [1.0, 2.0, 3.0])
+    assert [o.shape for o in out] == [(0,), (2, 0)]
+    assert ops.combine([], 2, [1.0, 1.0]) == []
+
+
+def test_deterministic(cpu_kernels: str) -> None:
+    grads = random_task_grads([(300_001,)], 8, seed=6)
+    weights = torch.rand(8, dtype=torch.float64)
+    first = ops.combine(grads, 8, weights)[0]
+    assert torch.equal(ops.combine(grads, 8, weights)[0], first)
+
+
+def test_sum_of_identical_tasks_is_exact(cpu_kernels: str) -> None:
+    g = torch.randn(4097)
+    out = ops.combine([g, g, g, g], 4, [0.25, 0.25, 0.25, 0.25])[0]
+    assert torch.equal(out, g)

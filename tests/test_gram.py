@@ -1,0 +1,147 @@
+"""mtlgrad.ops.gram against a float64 reference, on every CPU kernel set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCE, random_task_grads, task_matrix
+
+from mtlgrad import ops
+
+ODD_SHAPES = [(1,), (7,), (1023,), (33, 31), (0,), (4, 0, 3), (2049,)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def assert_gram_close(result: torch.Tensor, grads: list[torch.Tensor], num_tasks: int) -> None:
+    J = task_matrix(grads, num_tasks)
+    expected = J @ J.T
+    assert result.dtype == torch.float64
+    assert result.shape == (num_tasks, num_tasks)
+    norms = expected.diagonal().clamp_min(0).sqrt()
+    bound = TOLERANCE[grads[0].dtype] * torch.outer(norms, norms) + 1e-300
+    error = (result - expected).abs()
+    assert (error <= bound).all(), f"max error / bound = {(error / bound).max():.3g}"
+    assert torch.equal(result, result.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8, 13, 64])
+def test_matches_float64_reference(cpu_kernels: str, dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    assert_gram_close(ops.gram(grads, num_tasks), grads, num_tasks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_tensor(cpu_kernels: str, dtype: torch.dtype) -> None:
+    num_tasks = 8
+    grads = random_task_grads([(10**6 + 3,), (5,)], num_tasks, dtype, seed=1)
+    assert_gram_close(ops.gram(grads, num_tasks), grads, num_tasks)
+
+
+def test_many_tensors_and_large_task_count(cpu_kernels: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(int(n),) for n in torch.randint(0, 300, (300,), generator=gen)]
+    grads = random_task_grads(shapes, 8, seed=3)
+    assert_gram_close(ops.gram(grads, 8), grads, 8)
+    grads = random_task_grads([(517,), (3, 5)], 256, seed=4)
+    assert_gram_close(ops.gram(grads, 256), grads, 256)
+
+
+def test_badly_scaled_tasks(cpu_kernels: str) -> None:
+    scales = [1e-20, 1.0, 1e15, 3e-3]
+    grads = random_task_grads([(5000,), (17,)], 4, scales=scales, seed=5)
+    assert_gram_close(ops.gram(grads, 4), grads, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous(cpu_kernels: str, dtype: torch.dtype) -> None:
+    num_tasks = 3
+    base = random_task_grads([(40, 30), (50,)], num_tasks, dtype, seed=6)
+    grads = []
+    for t in range(num_tasks):
+        matrix, vector = base[2 * t], base[2 * t + 1]
+        grads += [matrix.T, vector[::3], matrix[:, 5:17]]
+    assert not grads[0].is_contiguous()
+    assert_gram_close(ops.gram(grads, num_tasks), grads, num_tasks)
+
+
+def test_zero_size_and_empty(cpu_kernels: str) -> None:
+    grads = random_task_grads([(0,), (3, 0)], 4)
+    assert torch.equal(ops.gram(grads, 4), torch.zeros(4, 4, dtype=torch.float64))
+    assert torch.equal(ops.gram([], 3), torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_zero_gradient_and_rank_deficient(cpu_kernels: str) -> None:
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(7))
+    grads = [g, torch.zeros(1000), 2 * g, -g]
+    result = ops.gram(grads, 4)
+    assert_gram_close(result, grads, 4)
+    assert (result[1] == 0).all()
+
+
+def test_deterministic(cpu_kernels: str) -> None:
+    grads = random_task_grads([(300_001,), (77,)], 8, seed=8)
+    first = ops.gram(grads, 8)
+    for _ in range(3):
+        assert torch.equal(ops.gram(grads, 8), first)
+
+
+def test_kernel_sets_agree() -> None:
+    grads = random_task_grads(ODD_SHAPES + [(100_000,)], 6, seed=9)
+    results = {}
+    previous = ops.cpu_kernels()
+    try:
+        for name in ops.supported_cpu_kernels():
+            ops.set_cpu_kernels(name)
+            results[name] = ops.gram(grads, 6)
+    finally:
+        ops.set_cpu_kernels(previous)
+    reference = results["generic"]
+    norms = reference.diagonal().sqrt()
+    bound = 2 * TOLERANCE[torch.float32] * torch.outer(norms, norms)
+    for name, result in results.items():
+        assert ((result - reference).abs() <= bound).all(), name
+
+
+def test_fp32_overflow_within_a_chunk_is_recomputed_in_fp64(cpu_kernels: str) -> None:
+    # Squares of 1e20 overflow fp32; the inputs are finite, so the result must be too.
+    big = torch.full((1000,), 1e20, dtype=torch.float32)
+    small = torch.ones(1000, dtype=torch.float32)
+    result = ops.gram([big, small], 2)
+    expected = torch.tensor([[1e43, 1e23], [1e23, 1000.0]], dtype=torch.float64)
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_is_reported_per_task_and_tensor(
+    cpu_kernels: str, dtype: torch.dtype, bad: float
+) -> None:
+    shapes = [(10,), (5000,), (3, 3), (7,)]
+    grads = random_task_grads(shapes, 3, dtype, seed=10)
+    grads[1 * 4 + 1][4321] = bad  # task 1, tensor 1
+    grads[2 * 4 + 3][6] = bad  # task 2, tensor 3
+    grads[2 * 4 + 2][2, 2] = bad  # task 2, tensor 2 (the first bad one of task 2)
+    _, nonfinite = torch.ops.mtlgrad.gram(grads, 3)
+    assert nonfinite.tolist() == [-1, 1, 2]
+    with pytest.raises(ops.NonFiniteGradientError) as info:
+        ops.gram(grads, 3, names=["a", "b", "c", "d"])
+    assert info.value.tasks == [1, 2]
+    assert info.value.tensor_indices == [1, 2]
+    assert "task 1: parameter 'b' (tensor 1)" in str(info.value)
+    assert "task 2: parameter 'c' (tensor 2)" in str(info.value)
+    unchecked = ops.gram(grads, 3, check_finite=False)
+    assert torch.isfinite(unchecked[0, 0])
+    assert not torch.isfinite(unchecked[1, 1])
+
+
+def test_single_thread_result_matches(cpu_kernels: str) -> None:
+    grads = random_task_grads([(200_003,)], 5, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.gram(grads, 5)
+    finally:
+        torch.set_num_threads(threads)
+    assert_gram_close(single, grads, 5)
+    assert_gram_close(ops.gram(grads, 5), grads, 5)
