@@ -232,14 +232,20 @@ static void chunk_products(const S* const* rows, int64_t T, int64_t n, S* sums) 
 // ---- conversions of a run of elements -------------------------------------------------------
 
 template <typename In, typename S>
-static inline void convert_run(const In* src, S* dst, int64_t n) {
+static inline void convert_run(const In* src, S* dst, int64_t n, int64_t prefetch_distance) {
   if constexpr (std::is_same_v<In, S>) {
     std::memcpy(dst, src, sizeof(S) * size_t(n));
   } else {
     using V = typename Simd<S>::V;
     constexpr int W = Simd<S>::W;
     int64_t e = 0;
-    for (; e + W <= n; e += W) vstore(dst + e, V(load_as(src + e)));
+    for (; e + W <= n; e += W) {
+      // The same row of the next chunk: the packing pass is the only one that touches DRAM, and
+      // its short per-row runs are too short for the hardware prefetcher (bf16 at T = 8 measured
+      // 1.7x faster with this). Prefetches never fault, even past the tensor's end.
+      __builtin_prefetch(src + e + prefetch_distance, 0, 3);
+      vstore(dst + e, V(load_as(src + e)));
+    }
     for (; e < n; ++e) dst[e] = scalar_as<S>(src[e]);
   }
 }
@@ -279,7 +285,7 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
         for (int64_t pos = e0; pos < e1;) {
           while (off[kk + 1] <= pos) ++kk;
           const int64_t m = min64(e1, off[kk + 1]) - pos;
-          convert_run(static_cast<const In*>(g.data[t * K + kk]) + (pos - off[kk]), dst + (pos - e0), m);
+          convert_run(static_cast<const In*>(g.data[t * K + kk]) + (pos - off[kk]), dst + (pos - e0), m, L);
           pos += m;
         }
         for (int64_t e = n; e < padded; ++e) dst[e] = S(0);
