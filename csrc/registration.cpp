@@ -10,4 +10,8 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("gram(Tensor[] grads, int num_tasks) -> (Tensor gram, Tensor nonfinite)");
   // out[k] = sum_t weights[t] * grads[t * K + k], written in place.
   m.def("combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out) -> ()");
+
+  // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
+  // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
+  m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
 }

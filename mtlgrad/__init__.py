@@ -8,9 +8,9 @@ from mtlgrad._extension import load as _load_extension
 
 _C = _load_extension()
 
-from mtlgrad import ops  # noqa: E402  (the ops need the extension loaded first)
+from mtlgrad import aggregators, ops  # noqa: E402  (they need the extension loaded first)
 from mtlgrad.ops import NonFiniteGradientError, combine, gram  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteGradientError", "combine", "gram", "ops"]
+__all__ = ["NonFiniteGradientError", "aggregators", "combine", "gram", "ops"]

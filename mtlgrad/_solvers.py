@@ -1,0 +1,32 @@
+"""Typed Python face of the native float64 solvers on the Gram matrix (``csrc/solvers/``).
+
+Each takes the T x T float64 CPU Gram matrix (plus the method's parameters) and returns float64
+task weights. They are torch ops (``torch.ops.mtlgrad.*``) with fake implementations, so they also
+trace under torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtlgrad._extension import load as _load_extension
+
+_load_extension()
+
+
+def pcgrad_weights(G: Tensor, seed: int) -> Tensor:
+    """PCGrad's summed projection coefficients (Yu et al. 2020, Algorithm 1)."""
+    return torch.ops.mtlgrad.pcgrad_weights(G, seed)
+
+
+# ---- fake implementations ---------------------------------------------------------------------
+
+
+def _weights_like(G: Tensor) -> Tensor:
+    return G.new_empty((G.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("mtlgrad::pcgrad_weights")
+def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)

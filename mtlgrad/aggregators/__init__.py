@@ -1,0 +1,20 @@
+"""Gradient-combination methods, one module per method.
+
+Every aggregator is callable on a T x P matrix (``agg(J) -> d``) and combines task-major gradient
+lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggregators also expose
+``agg.weights(G)``.
+"""
+
+from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._mean import Mean
+from mtlgrad.aggregators._pcgrad import PCGrad
+from mtlgrad.aggregators._sum import Sum
+
+__all__ = [
+    "Aggregation",
+    "Aggregator",
+    "GramAggregator",
+    "Mean",
+    "PCGrad",
+    "Sum",
+]

@@ -1,0 +1,115 @@
+"""Shared inputs and mathematical properties for the aggregator tests.
+
+Each method's test file states which properties it claims, e.g.::
+
+    @pytest.mark.parametrize("J", matrices(), ids=matrix_ids())
+    def test_properties(J):
+        agg = UPGrad()
+        assert_finite_and_shaped(agg, J)
+        assert_non_conflicting(agg, J)
+        assert_permutation_invariant(agg, J)
+        assert_linear_under_scaling(agg, J)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mtlgrad import ops
+from mtlgrad.aggregators import Aggregator, GramAggregator
+
+P = 40
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def matrix_families(T: int, seed: int = 0) -> dict[str, Tensor]:
+    """Named T x P float64 test matrices: the cases every method must handle."""
+    g = _gen(seed + 100 * T)
+    full = torch.randn(T, P, generator=g, dtype=torch.float64)
+    families = {"random": full}
+    if T >= 2:
+        basis = torch.randn(2, P, generator=g, dtype=torch.float64)
+        families["rank_deficient"] = torch.randn(T, 2, generator=g, dtype=torch.float64) @ basis
+        families["duplicated_rows"] = torch.cat([full[: (T + 1) // 2], full[: T // 2]])
+        families["opposite"] = (
+            torch.cat([full[:1], -full[:1], full[2:]])
+            if T > 2
+            else torch.stack([full[0], -full[0]])
+        )
+        with_zero = full.clone()
+        with_zero[T // 2] = 0
+        families["one_zero_row"] = with_zero
+        # Mostly conflicting: every pair at an obtuse angle.
+        families["conflicting"] = torch.eye(T, P, dtype=torch.float64) - 0.9 / T
+    families["all_zero"] = torch.zeros(T, P, dtype=torch.float64)
+    families["tiny"] = full * 1e-15
+    families["huge"] = full * 1e15
+    return families
+
+
+def matrices(tasks: tuple[int, ...] = (1, 2, 3, 8)) -> list[Tensor]:
+    return [J for T in tasks for J in matrix_families(T).values()]
+
+
+def matrix_ids(tasks: tuple[int, ...] = (1, 2, 3, 8)) -> list[str]:
+    return [f"T{T}-{name}" for T in tasks for name in matrix_families(T)]
+
+
+def scale_of(J: Tensor) -> float:
+    return float(J.norm(dim=1).max()) or 1.0
+
+
+def assert_finite_and_shaped(agg: Aggregator, J: Tensor) -> Tensor:
+    d = agg(J)
+    assert d.shape == (J.shape[1],), f"{agg}: shape {tuple(d.shape)}"
+    assert d.dtype == J.dtype
+    assert torch.isfinite(d).all(), f"{agg}: non-finite output"
+    if isinstance(agg, GramAggregator):
+        w = agg.weights(ops.gram(list(J.unbind(0)), J.shape[0]))
+        assert w.shape == (J.shape[0],) and w.dtype == torch.float64
+        assert torch.isfinite(w).all(), f"{agg}: non-finite weights {w}"
+    return d
+
+
+def assert_non_conflicting(agg: Aggregator, J: Tensor, rtol: float = 1e-6) -> None:
+    """J d >= 0: the update does not increase any task's loss to first order."""
+    d = agg(J)
+    products = J @ d
+    tolerance = rtol * scale_of(J) * max(float(d.norm()), 1e-300)
+    assert (products >= -tolerance).all(), f"{agg}: J d = {products.tolist()}"
+
+
+def assert_permutation_invariant(agg: Aggregator, J: Tensor, rtol: float = 1e-7) -> None:
+    perm = torch.randperm(J.shape[0], generator=_gen(1))
+    d, d_perm = agg(J), agg(J[perm])
+    torch.testing.assert_close(d_perm, d, rtol=rtol, atol=rtol * scale_of(J))
+
+
+def assert_linear_under_scaling(agg: Aggregator, J: Tensor, rtol: float = 1e-7) -> None:
+    """agg(c J) = c agg(J) for c > 0."""
+    for c in (1e-3, 7.0):
+        torch.testing.assert_close(agg(c * J), c * agg(J), rtol=rtol, atol=rtol * c * scale_of(J))
+
+
+def assert_weights_match(
+    agg: GramAggregator, J: Tensor, reference: Callable[[Tensor], Tensor], rtol: float = 1e-7
+) -> None:
+    """The native weights agree with a float64 reference of the paper's equations."""
+    G = J @ J.T
+    w = agg.weights(G)
+    expected = reference(G)
+    torch.testing.assert_close(w, expected, rtol=rtol, atol=rtol * float(expected.abs().max() or 1))
+
+
+def assert_matrix_call_is_gram_then_combine(make: Callable[[], GramAggregator], J: Tensor) -> None:
+    """agg(J) is exactly combine(J, weights(gram(J))); `make` builds a fresh aggregator (with a
+    freshly seeded generator for randomised methods), called twice."""
+    rows = list(J.unbind(0))
+    expected = ops.combine(rows, J.shape[0], make().weights(ops.gram(rows, J.shape[0])))[0]
+    torch.testing.assert_close(make()(J), expected, rtol=0, atol=0)
