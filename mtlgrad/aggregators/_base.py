@@ -59,10 +59,13 @@ class Aggregator(ABC):
         num_tasks: int,
         out: Sequence[Tensor] | None = None,
         names: Sequence[str] | None = None,
+        losses: Tensor | None = None,
     ) -> Aggregation:
         """Combines a task-major gradient list (see :mod:`mtlgrad.ops`) into ``out``.
 
-        ``names`` (one per tensor of a task) are used in error messages.
+        ``names`` (one per tensor of a task) are used in error messages. ``losses`` (T values)
+        are passed on to the methods that use them (e.g. MGDA's loss normalisation) and ignored
+        by the others.
         """
 
     # ---- state (stateless by default) -------------------------------------------------------
@@ -98,11 +101,12 @@ class GramAggregator(Aggregator):
     ``agg(J)`` is exactly ``combine(J, agg.weights(gram(J)))`` through the native ops.
     """
 
-    def weights(self, G: Tensor) -> Tensor:
+    def weights(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 task weights (shape ``(T,)``) from the T x T Gram matrix of the gradients.
 
         ``G`` may live on any device; the solver runs on the CPU in float64 (for a CUDA ``G`` this
-        is one copy of T x T numbers) and the weights come back on ``G``'s device.
+        is one copy of T x T numbers) and the weights come back on ``G``'s device. ``losses``
+        (T task losses) reach only the methods that use them.
         """
         if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1]:
             raise ValueError(
@@ -112,12 +116,25 @@ class GramAggregator(Aggregator):
         if G.shape[0] == 0:
             raise ValueError(f"{type(self).__name__}.weights needs at least one task")
         G64 = G.detach().to(device="cpu", dtype=torch.float64)
-        w = self._weights(G64)
+        if losses is None:
+            w = self._weights(G64)
+        else:
+            losses64 = torch.as_tensor(losses).detach().to(device="cpu", dtype=torch.float64)
+            if losses64.shape != (G.shape[0],):
+                raise ValueError(
+                    f"{type(self).__name__}: expected {G.shape[0]} losses (one per task), got "
+                    f"shape {tuple(losses64.shape)}"
+                )
+            w = self._weights_given_losses(G64, losses64)
         return w if G.device.type == "cpu" else w.to(G.device)
 
     @abstractmethod
     def _weights(self, G: Tensor) -> Tensor:
         """Weights from a float64 CPU Gram matrix (at least 1 x 1)."""
+
+    def _weights_given_losses(self, G: Tensor, losses: Tensor) -> Tensor:
+        """Weights when the task losses are known (float64 CPU); most methods ignore them."""
+        return self._weights(G)
 
     def aggregate(
         self,
@@ -125,10 +142,11 @@ class GramAggregator(Aggregator):
         num_tasks: int,
         out: Sequence[Tensor] | None = None,
         names: Sequence[str] | None = None,
+        losses: Tensor | None = None,
     ) -> Aggregation:
         grads = list(grads)
         G = ops.gram(grads, num_tasks, names=names)
-        w = self.weights(G)
+        w = self.weights(G, losses)
         device = grads[0].device if grads else w.device
         combined = ops.combine(grads, num_tasks, w.to(device), out)
         return Aggregation(combined, w, G)
