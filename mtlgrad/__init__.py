@@ -8,9 +8,23 @@ from mtlgrad._extension import load as _load_extension
 
 _C = _load_extension()
 
-from mtlgrad import aggregators, ops  # noqa: E402  (they need the extension loaded first)
+from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
+    aggregators,
+    ops,
+    optim,  # noqa: E402  (after step, which it uses)
+)
 from mtlgrad.ops import NonFiniteGradientError, combine, gram  # noqa: E402
+from mtlgrad.step import StepRecord, backward  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteGradientError", "aggregators", "combine", "gram", "ops"]
+__all__ = [
+    "NonFiniteGradientError",
+    "StepRecord",
+    "aggregators",
+    "backward",
+    "combine",
+    "gram",
+    "ops",
+    "optim",
+]

@@ -68,18 +68,30 @@ class Aggregator(ABC):
         by the others.
         """
 
-    # ---- state (stateless by default) -------------------------------------------------------
+    # ---- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The method's state (e.g. running averages); empty for stateless methods."""
-        return {}
+        """The method's state: its running quantities (none for stateless methods) and, for
+        randomised methods with a ``generator``, that generator's state, so a resumed run draws
+        the same numbers. Subclasses with state of their own extend this dict."""
+        generator = getattr(self, "generator", None)
+        return {} if generator is None else {"generator": generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a state returned by :meth:`state_dict`."""
-        if state_dict:
-            raise ValueError(
-                f"{type(self).__name__} is stateless but got state {sorted(state_dict)}"
-            )
+        """Restores a state returned by :meth:`state_dict`. Subclasses with state of their own
+        pop their keys and pass the rest on to this method."""
+        state = dict(state_dict)
+        generator_state = state.pop("generator", None)
+        if generator_state is not None:
+            generator = getattr(self, "generator", None)
+            if generator is None:
+                raise ValueError(
+                    f"{type(self).__name__}: the state holds a generator state but this "
+                    "instance has no generator (pass generator=torch.Generator())"
+                )
+            generator.set_state(generator_state)
+        if state:
+            raise ValueError(f"{type(self).__name__}: unexpected state {sorted(state)}")
 
     def reset(self) -> None:  # noqa: B027  (stateless by default, not abstract)
         """Forgets the state (stateless methods: nothing to do)."""

@@ -1,0 +1,60 @@
+"""Small multi-task models and aggregator factories for the training-integration tests."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from mtlgrad import aggregators
+from mtlgrad.aggregators import GramAggregator
+
+
+class TwoHeadNet(nn.Module):
+    """A shared trunk and one linear head per task."""
+
+    def __init__(self, tasks: int = 3, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(
+            nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(tasks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z = self.trunk(x)
+        return z, [head(z).squeeze(-1) for head in self.heads]
+
+
+def task_losses(outputs: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
+    """Differently scaled regression losses, so the task gradients differ and conflict."""
+    return [((o - (t + 1) * y[:, t]) ** 2).mean() * (t + 1) for t, o in enumerate(outputs)]
+
+
+def batch(seed: int, tasks: int = 3, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randn(n, tasks, generator=g)
+    return x, y
+
+
+def make_aggregator(cls: type, seed: int = 0) -> GramAggregator:
+    """An instance with defaults, main task 0 for auxiliary methods, a seeded generator for
+    randomised ones."""
+    params = inspect.signature(cls).parameters
+    kwargs = {}
+    if "main" in params and params["main"].default is inspect.Parameter.empty:
+        kwargs["main"] = 0
+    if "generator" in params:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return cls(**kwargs)
+
+
+def gram_aggregator_classes() -> list[type]:
+    classes = []
+    for name in aggregators.__all__:
+        obj = getattr(aggregators, name)
+        if isinstance(obj, type) and issubclass(obj, GramAggregator) and obj is not GramAggregator:
+            classes.append(obj)
+    return classes
