@@ -1,0 +1,57 @@
+// CUDA kernel of combine: out[k] = Σ_t w_t g_t[k] over a task-major gradient list, one launch for
+// the whole list. The weights are read from device memory (no host round trip) into shared
+// memory; 16-byte vector loads and stores where every pointer of the tensor is aligned.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "gram_kernels.cuh"
+#include "multi_tensor.cuh"
+
+namespace mtlgrad::cuda {
+
+template <typename scalar_t, int N>
+struct alignas(16) Pack {
+  scalar_t v[N];
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(256)
+    combine_kernel(TaskTable tab, void* const* out_ptrs, const double* weights) {
+  extern __shared__ unsigned char shared_bytes[];
+  acc_t* w = reinterpret_cast<acc_t*>(shared_bytes);
+  for (int t = threadIdx.x; t < tab.num_tasks; t += blockDim.x) w[t] = static_cast<acc_t>(weights[t]);
+  __syncthreads();
+
+  constexpr int V = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, V>;
+  for (int64_t c = blockIdx.x; c < tab.num_chunks; c += gridDim.x) {
+    const ChunkInfo ch = tab.chunks[c];
+    scalar_t* out = static_cast<scalar_t*>(out_ptrs[ch.tensor]) + ch.offset;
+    const bool vector = tab.aligned[ch.tensor] != 0;
+    const int vectors = vector ? ch.length / V : 0;
+    for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+      acc_t acc[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] = 0;
+      for (int t = 0; t < tab.num_tasks; ++t) {
+        const P x = reinterpret_cast<const P*>(task_row<scalar_t>(tab, t, ch))[i];
+        const acc_t wt = w[t];
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += wt * to_acc<acc_t>(x.v[j]);
+      }
+      P y;
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = static_cast<scalar_t>(acc[j]);
+      reinterpret_cast<P*>(out)[i] = y;
+    }
+    for (int i = vectors * V + threadIdx.x; i < ch.length; i += blockDim.x) {  // tail / unaligned
+      acc_t acc = 0;
+      for (int t = 0; t < tab.num_tasks; ++t) acc += w[t] * to_acc<acc_t>(task_row<scalar_t>(tab, t, ch)[i]);
+      out[i] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+}  // namespace mtlgrad::cuda

@@ -1,0 +1,205 @@
+// CUDA implementations of the mtlgrad ops: argument checks (shared with the CPU, task_grads.h),
+// the multi-tensor table, launches on the current stream. No host synchronisation: the table goes
+// up with one asynchronous copy from pinned memory, the weights are read on the device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <tuple>
+#include <vector>
+
+#include "../task_grads.h"
+#include "combine_kernels.cuh"
+#include "gram_kernels.cuh"
+#include "multi_tensor.cuh"
+
+namespace mtlgrad::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+std::vector<const void*> contiguous_pointers(at::TensorList grads, std::vector<at::Tensor>& keep) {
+  std::vector<const void*> ptrs(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].is_contiguous()) {
+      ptrs[i] = grads[i].data_ptr();
+    } else {
+      keep.push_back(grads[i].contiguous());
+      ptrs[i] = keep.back().data_ptr();
+    }
+  }
+  return ptrs;
+}
+
+std::vector<int64_t> tensor_sizes(const TaskGradLayout& layout) {
+  std::vector<int64_t> sizes(static_cast<size_t>(layout.num_tensors));
+  for (int64_t k = 0; k < layout.num_tensors; ++k) sizes[k] = layout.offsets[k + 1] - layout.offsets[k];
+  return sizes;
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_gram(const TaskTable& tab, int64_t T, at::Tensor& gram, at::Tensor& nonfinite) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto options = gram.options();
+  const int sms = multiprocessor_count();
+  long long* bad = reinterpret_cast<long long*>(nonfinite.data_ptr<int64_t>());
+  if (T <= 8) {
+    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, 4 * sms)));
+    const int64_t P = T * (T + 1) / 2;
+    at::Tensor partials = at::empty({blocks * P}, options);
+    double* out = partials.data_ptr<double>();
+    switch (T) {
+#define MTLGRAD_GRAM_SMALL(N)                                                              \
+  case N:                                                                                  \
+    gram_small_kernel<scalar_t, acc_t, N><<<blocks, kThreads, 0, stream>>>(tab, out, bad); \
+    break;
+      MTLGRAD_GRAM_SMALL(1)
+      MTLGRAD_GRAM_SMALL(2)
+      MTLGRAD_GRAM_SMALL(3)
+      MTLGRAD_GRAM_SMALL(4)
+      MTLGRAD_GRAM_SMALL(5)
+      MTLGRAD_GRAM_SMALL(6)
+      MTLGRAD_GRAM_SMALL(7)
+      MTLGRAD_GRAM_SMALL(8)
+#undef MTLGRAD_GRAM_SMALL
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int reduce_blocks = static_cast<int>((T * T + kThreads - 1) / kThreads);
+    gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(out, blocks, static_cast<int>(T), false, 0,
+                                                               gram.data_ptr<double>(), bad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Upper-triangle tile blocks, row by row (the order gram_reduce_kernel assumes).
+  const int nb = static_cast<int>((T + kTile - 1) / kTile);
+  std::vector<int2> tiles;
+  for (int i = 0; i < nb; ++i)
+    for (int j = i; j < nb; ++j) tiles.push_back(make_int2(i, j));
+  const int num_tiles = static_cast<int>(tiles.size());
+  at::Tensor tiles_host = at::empty({num_tiles * 2}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  std::memcpy(tiles_host.data_ptr<int32_t>(), tiles.data(), tiles.size() * sizeof(int2));
+  at::Tensor tiles_device = tiles_host.to(gram.device(), /*non_blocking=*/true);
+  const int blocks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, std::max(1, 4 * sms / num_tiles))));
+  at::Tensor partials = at::empty({int64_t(blocks) * num_tiles * kTile * kTile}, options);
+  double* out = partials.data_ptr<double>();
+  const dim3 grid(blocks, num_tiles);
+  gram_tiled_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+      tab, reinterpret_cast<const int2*>(tiles_device.data_ptr<int32_t>()), out, bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int reduce_blocks = static_cast<int>((T * T + kThreads - 1) / kThreads);
+  gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(out, blocks, static_cast<int>(T), true,
+                                                             num_tiles, gram.data_ptr<double>(), bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList grads, int64_t num_tasks) {
+  const TaskGradLayout layout = check_task_grads("mtlgrad.gram", grads, num_tasks);
+  const int64_t T = num_tasks;
+  const c10::Device device = layout.num_tensors > 0 ? layout.device : c10::Device(c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor gram = at::zeros({T, T}, f64);
+  if (layout.num_tensors == 0 || layout.numel_per_task() == 0) {
+    return {gram, at::full({T}, -1, at::TensorOptions().dtype(at::kLong).device(device))};
+  }
+  TORCH_CHECK_VALUE(device.is_cuda(), "mtlgrad.gram: the CUDA kernel got tensors on ", device);
+  at::Tensor nonfinite = at::full({T}, LLONG_MAX, at::TensorOptions().dtype(at::kLong).device(device));
+  std::vector<at::Tensor> keep;
+  const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
+  at::Tensor storage;
+  const TaskTable tab = upload_table(ptrs, tensor_sizes(layout), T, {}, device, storage);
+  switch (layout.dtype) {
+    case at::kFloat:
+      launch_gram<float, float>(tab, T, gram, nonfinite);
+      break;
+    case at::kDouble:
+      launch_gram<double, double>(tab, T, gram, nonfinite);
+      break;
+    case at::kHalf:
+      launch_gram<c10::Half, float>(tab, T, gram, nonfinite);
+      break;
+    case at::kBFloat16:
+      launch_gram<c10::BFloat16, float>(tab, T, gram, nonfinite);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable");
+  }
+  return {gram, nonfinite};
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_combine(const TaskTable& tab, void* const* out_ptrs, const double* weights) {
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, 8 * multiprocessor_count())));
+  const size_t shared = sizeof(acc_t) * static_cast<size_t>(tab.num_tasks);
+  combine_kernel<scalar_t, acc_t>
+      <<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(tab, out_ptrs, weights);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out) {
+  const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks);
+  check_combine_args(layout, grads, weights, out, layout.num_tensors > 0 ? layout.device : weights.device());
+  const int64_t K = layout.num_tensors;
+  if (K == 0 || layout.numel_per_task() == 0) return;
+  const c10::cuda::CUDAGuard guard(layout.device);
+  std::vector<at::Tensor> keep;
+  const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
+  const at::Tensor w = weights.to(at::kDouble).contiguous();
+
+  // Outputs that are not contiguous or overlap an input are computed apart and copied at the end.
+  std::vector<at::Tensor> staged(static_cast<size_t>(K));
+  std::vector<const void*> out_ptrs(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    bool direct = out[k].is_contiguous();
+    for (int64_t t = 0; direct && t < num_tasks; ++t) {
+      const char* o = static_cast<const char*>(out[k].data_ptr());
+      const char* g = static_cast<const char*>(ptrs[t * K + k]);
+      const int64_t bytes = out[k].numel() * out[k].element_size();
+      direct = o + bytes <= g || g + bytes <= o;
+    }
+    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
+  }
+  // The output pointers travel in the same table, after the gradients' (as a (T+1)-th task).
+  std::vector<const void*> table_ptrs = ptrs;
+  table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
+  at::Tensor storage;
+  TaskTable tab = upload_table(table_ptrs, tensor_sizes(layout), num_tasks + 1, {}, layout.device, storage);
+  tab.num_tasks = static_cast<int32_t>(num_tasks);
+  void* const* device_out = const_cast<void* const*>(tab.ptrs + num_tasks * K);
+  switch (layout.dtype) {
+    case at::kFloat:
+      launch_combine<float, float>(tab, device_out, w.data_ptr<double>());
+      break;
+    case at::kDouble:
+      launch_combine<double, double>(tab, device_out, w.data_ptr<double>());
+      break;
+    case at::kHalf:
+      launch_combine<c10::Half, float>(tab, device_out, w.data_ptr<double>());
+      break;
+    case at::kBFloat16:
+      launch_combine<c10::BFloat16, float>(tab, device_out, w.data_ptr<double>());
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable");
+  }
+  for (int64_t k = 0; k < K; ++k)
+    if (staged[k].defined()) out[k].copy_(staged[k]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlgrad, CUDA, m) {
+  m.impl("gram", &gram_cuda);
+  m.impl("combine", &combine_cuda);
+}
+
+}  // namespace mtlgrad::cuda

@@ -1,0 +1,178 @@
+"""The CUDA ops, aggregators and training step (skipped without a CUDA device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCE, random_task_grads, task_matrix
+from training_helpers import (
+    TwoHeadNet,
+    batch,
+    gram_aggregator_classes,
+    make_aggregator,
+    task_losses,
+)
+
+import mtlgrad
+from mtlgrad import ops
+from mtlgrad.aggregators import Mean, Sum
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and mtlgrad._C.with_cuda),
+        reason="needs a CUDA device and mtlgrad built with CUDA",
+    ),
+]
+
+ODD_SHAPES = [(1,), (7,), (1023,), (33, 31), (0,), (4, 0, 3), (16385,), (2049,)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def cuda(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g.cuda() for g in grads]
+
+
+def assert_gram_close(result: torch.Tensor, grads: list[torch.Tensor], num_tasks: int) -> None:
+    J = task_matrix([g.cpu() for g in grads], num_tasks)
+    expected = J @ J.T
+    assert result.dtype == torch.float64 and result.device.type == "cuda"
+    norms = expected.diagonal().clamp_min(0).sqrt()
+    bound = TOLERANCE[grads[0].dtype] * torch.outer(norms, norms) + 1e-300
+    error = (result.cpu() - expected).abs()
+    assert (error <= bound).all(), f"max error / bound = {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 9, 32, 64, 256])
+def test_gram_matches_float64_reference(dtype: torch.dtype, num_tasks: int) -> None:
+    shapes = ODD_SHAPES if num_tasks <= 64 else [(517,), (3, 5), (0,)]
+    grads = cuda(random_task_grads(shapes, num_tasks, dtype, seed=num_tasks))
+    assert_gram_close(ops.gram(grads, num_tasks), grads, num_tasks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_many_tensors_large_tensor_non_contiguous(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(int(n),) for n in torch.randint(0, 300, (300,), generator=gen)] + [(10**6 + 3,)]
+    grads = cuda(random_task_grads(shapes, 8, dtype, seed=3))
+    assert_gram_close(ops.gram(grads, 8), grads, 8)
+    base = cuda(random_task_grads([(40, 30)], 3, dtype, seed=4))
+    transposed = [b.T for b in base]
+    assert_gram_close(ops.gram(transposed, 3), transposed, 3)
+
+
+@pytest.mark.parametrize("num_tasks", [4, 40])
+def test_gram_deterministic_and_agrees_with_cpu(num_tasks: int) -> None:
+    grads = random_task_grads([(300_001,), (77,)], num_tasks, seed=5)
+    on_gpu = cuda(grads)
+    first = ops.gram(on_gpu, num_tasks)
+    for _ in range(3):
+        assert torch.equal(ops.gram(on_gpu, num_tasks), first)
+    cpu = ops.gram(grads, num_tasks)
+    norms = cpu.diagonal().sqrt()
+    assert ((first.cpu() - cpu).abs() <= 2e-5 * torch.outer(norms, norms)).all()
+
+
+@pytest.mark.parametrize("num_tasks", [3, 12])
+def test_gram_nonfinite_is_reported(num_tasks: int) -> None:
+    grads = cuda(random_task_grads([(10,), (50000,), (7,)], num_tasks, seed=6))
+    grads[1 * 3 + 1][4321] = float("nan")
+    grads[2 * 3 + 2][3] = float("inf")
+    _, nonfinite = torch.ops.mtlgrad.gram(grads, num_tasks)
+    expected = [-1] * num_tasks
+    expected[1], expected[2] = 1, 2
+    assert nonfinite.tolist() == expected
+    with pytest.raises(ops.NonFiniteGradientError):
+        ops.gram(grads, num_tasks)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 8])
+def test_gram_fp32_overflow_is_recomputed(num_tasks: int) -> None:
+    big = torch.full((1000,), 1e20, device="cuda")
+    grads = [big] * num_tasks
+    G = ops.gram(grads, num_tasks)
+    assert torch.isfinite(G).all()
+    torch.testing.assert_close(G[0, 0].item(), 1e43, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 3, 8, 64])
+def test_combine_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    weights = torch.randn(
+        num_tasks, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    on_cpu = ops.combine(grads, num_tasks, weights)
+    on_gpu = ops.combine(cuda(grads), num_tasks, weights.cuda())
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.device.type == "cuda" and b.dtype == dtype
+        tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tolerance, atol=tolerance)
+
+
+def test_combine_unaligned_aliased_and_non_contiguous() -> None:
+    base = torch.randn(3, 10_001, device="cuda")
+    grads = [base[t, 1:] for t in range(3)]  # 4-byte offset: the scalar path
+    weights = torch.tensor([1.0, -2.0, 0.5], device="cuda", dtype=torch.float64)
+    out = ops.combine(grads, 3, weights)
+    torch.testing.assert_close(out[0], grads[0] - 2 * grads[1] + 0.5 * grads[2])
+    aliased = [g.clone() for g in grads]
+    expected = ops.combine(aliased, 3, weights)[0]
+    ops.combine(aliased, 3, weights, out=aliased[2:3])
+    torch.testing.assert_close(aliased[2], expected)
+    transposed_out = [torch.zeros(20, 30, device="cuda").T]
+    inputs = [torch.randn(30, 20, device="cuda") for _ in range(3)]
+    ops.combine(inputs, 3, weights, transposed_out)
+    torch.testing.assert_close(transposed_out[0], inputs[0] - 2 * inputs[1] + 0.5 * inputs[2])
+
+
+def test_combine_deterministic() -> None:
+    grads = cuda(random_task_grads([(300_001,)], 8, seed=7))
+    weights = torch.rand(8, dtype=torch.float64, device="cuda")
+    first = ops.combine(grads, 8, weights)[0]
+    assert torch.equal(ops.combine(grads, 8, weights)[0], first)
+
+
+def test_combine_weights_on_another_device_are_rejected() -> None:
+    grads = cuda(random_task_grads([(10,)], 2))
+    with pytest.raises(ValueError, match="weights are on cpu"):
+        ops.combine(grads, 2, torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", gram_aggregator_classes(), ids=lambda c: c.__name__)
+def test_aggregators_on_cuda_match_cpu(cls) -> None:
+    J = torch.randn(5, 2000, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    on_cpu = make_aggregator(cls)(J)
+    on_gpu = make_aggregator(cls)(J.cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+@pytest.mark.parametrize("aggregator", [Sum(), Mean()], ids=repr)
+def test_training_step_on_cuda_matches_cpu(engine: str, aggregator) -> None:
+    x, y = batch(0)
+    on_cpu, on_gpu = TwoHeadNet(), TwoHeadNet().cuda()
+    for model, (xb, yb) in ((on_cpu, (x, y)), (on_gpu, (x.cuda(), y.cuda()))):
+        _, outputs = model(xb)
+        mtlgrad.backward(
+            task_losses(outputs, yb),
+            shared_params=model.trunk.parameters(),
+            aggregator=aggregator,
+            engine=engine,
+        )
+    for p, q in zip(on_cpu.parameters(), on_gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sum_and_mean_steps_do_not_synchronise() -> None:
+    grads = cuda(random_task_grads([(100_000,), (17,)], 4, seed=9))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        G, _ = torch.ops.mtlgrad.gram(grads, 4)
+        weights = torch.full((4,), 0.25, dtype=torch.float64, device="cuda")
+        ops.combine(grads, 4, weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
