@@ -14,4 +14,7 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
   m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
+  // `reg_eps` is added to the diagonal of G / trace(G) (TorchJD's convention); 0 solves exactly.
+  m.def("upgrad_weights(Tensor gram, float reg_eps) -> Tensor");
+  m.def("dualproj_weights(Tensor gram, float reg_eps) -> Tensor");
 }

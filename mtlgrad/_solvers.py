@@ -20,6 +20,16 @@ def pcgrad_weights(G: Tensor, seed: int) -> Tensor:
     return torch.ops.mtlgrad.pcgrad_weights(G, seed)
 
 
+def upgrad_weights(G: Tensor, reg_eps: float) -> Tensor:
+    """UPGrad's mean of the dual-cone projection weights of every task (Quinton & Rey 2024)."""
+    return torch.ops.mtlgrad.upgrad_weights(G, reg_eps)
+
+
+def dualproj_weights(G: Tensor, reg_eps: float) -> Tensor:
+    """DualProj's dual-cone projection weights of the mean gradient (Quinton & Rey 2024)."""
+    return torch.ops.mtlgrad.dualproj_weights(G, reg_eps)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -29,4 +39,14 @@ def _weights_like(G: Tensor) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::pcgrad_weights")
 def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::upgrad_weights")
+def _upgrad_fake(gram: Tensor, reg_eps: float) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::dualproj_weights")
+def _dualproj_fake(gram: Tensor, reg_eps: float) -> Tensor:
     return _weights_like(gram)

@@ -6,15 +6,19 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._dualproj import DualProj
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._sum import Sum
+from mtlgrad.aggregators._upgrad import UPGrad
 
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "DualProj",
     "GramAggregator",
     "Mean",
     "PCGrad",
     "Sum",
+    "UPGrad",
 ]
