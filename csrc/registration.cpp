@@ -17,4 +17,6 @@ TORCH_LIBRARY(mtlgrad, m) {
   // `reg_eps` is added to the diagonal of G / trace(G) (TorchJD's convention); 0 solves exactly.
   m.def("upgrad_weights(Tensor gram, float reg_eps) -> Tensor");
   m.def("dualproj_weights(Tensor gram, float reg_eps) -> Tensor");
+  // `normalization`: 'none', 'l2', 'loss' or 'loss+'; the last two need `losses` (T values).
+  m.def("mgda_weights(Tensor gram, str normalization, Tensor? losses) -> Tensor");
 }

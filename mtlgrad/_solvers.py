@@ -30,6 +30,11 @@ def dualproj_weights(G: Tensor, reg_eps: float) -> Tensor:
     return torch.ops.mtlgrad.dualproj_weights(G, reg_eps)
 
 
+def mgda_weights(G: Tensor, normalization: str, losses: Tensor | None) -> Tensor:
+    """MGDA's min-norm convex weights of the normalised gradients (Sener & Koltun 2018)."""
+    return torch.ops.mtlgrad.mgda_weights(G, normalization, losses)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -49,4 +54,9 @@ def _upgrad_fake(gram: Tensor, reg_eps: float) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::dualproj_weights")
 def _dualproj_fake(gram: Tensor, reg_eps: float) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::mgda_weights")
+def _mgda_fake(gram: Tensor, normalization: str, losses: Tensor | None) -> Tensor:
     return _weights_like(gram)

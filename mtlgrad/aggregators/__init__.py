@@ -8,6 +8,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._dualproj import DualProj
 from mtlgrad.aggregators._mean import Mean
+from mtlgrad.aggregators._mgda import MGDA
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._sum import Sum
 from mtlgrad.aggregators._upgrad import UPGrad
@@ -17,6 +18,7 @@ __all__ = [
     "Aggregator",
     "DualProj",
     "GramAggregator",
+    "MGDA",
     "Mean",
     "PCGrad",
     "Sum",
