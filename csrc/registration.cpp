@@ -19,4 +19,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("dualproj_weights(Tensor gram, float reg_eps) -> Tensor");
   // `normalization`: 'none', 'l2', 'loss' or 'loss+'; the last two need `losses` (T values).
   m.def("mgda_weights(Tensor gram, str normalization, Tensor? losses) -> Tensor");
+  m.def("gradient_matching_weights(Tensor gram, int main) -> Tensor");
 }

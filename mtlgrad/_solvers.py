@@ -35,6 +35,11 @@ def mgda_weights(G: Tensor, normalization: str, losses: Tensor | None) -> Tensor
     return torch.ops.mtlgrad.mgda_weights(G, normalization, losses)
 
 
+def gradient_matching_weights(G: Tensor, main: int) -> Tensor:
+    """1 for the main task, the non-negative least-squares matching weights for the others."""
+    return torch.ops.mtlgrad.gradient_matching_weights(G, main)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -59,4 +64,9 @@ def _dualproj_fake(gram: Tensor, reg_eps: float) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::mgda_weights")
 def _mgda_fake(gram: Tensor, normalization: str, losses: Tensor | None) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::gradient_matching_weights")
+def _gradient_matching_fake(gram: Tensor, main: int) -> Tensor:
     return _weights_like(gram)
