@@ -108,12 +108,19 @@ def test_weights_match_projected_gradient_with_many_tasks() -> None:
     Q, b = G[aux][:, aux], G[aux, main]
     step = 1 / torch.linalg.eigvalsh(Q).max()
     a = torch.zeros(T - 1, dtype=torch.float64)
-    for _ in range(3000):
+    for _ in range(600):
         a = (a - step * (Q @ a - b)).clamp_min(0)
     expected = torch.ones(T, dtype=torch.float64)
     expected[aux] = a
     assert (a > 0).sum() >= 10
     torch.testing.assert_close(GradientMatching(main).weights(G), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_large_inputs_are_finite() -> None:
+    # T = 256, in 40 dimensions (nearly rank-deficient) and in 2000.
+    near = matrix_families(256)["rank_deficient"] + 1e-3 * torch.randn(256, 40, generator=_gen(1))
+    for J in (near, torch.randn(256, 2000, dtype=torch.float64, generator=_gen(2))):
+        assert_finite_and_shaped(GradientMatching(0), J)
 
 
 # ---- behaviour ----------------------------------------------------------------------------------
