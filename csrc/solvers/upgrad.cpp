@@ -15,10 +15,11 @@
 namespace mtlgrad::solvers {
 namespace {
 
-// The T projections are independent: threads take contiguous blocks of tasks (each with its own
-// solver workspace) once there are enough of them to pay for the fork; the sum below runs in a
-// fixed order, so the result does not depend on the thread count.
-constexpr int64_t kTasksPerThread = 64;
+// The T projections are independent: threads take contiguous blocks of at least this many tasks
+// (each with its own solver workspace); the sum below runs in a fixed order, so the result does
+// not depend on the thread count. Up to T = 128 the whole solve takes a few ms on one core, and a
+// parallel region costs more than it saves on a busy machine (a descheduled thread stalls it).
+constexpr int64_t kTasksPerThread = 128;
 
 at::Tensor upgrad_weights(const at::Tensor& gram, double reg_eps) {
   TORCH_CHECK_VALUE(std::isfinite(reg_eps) && reg_eps >= 0,
