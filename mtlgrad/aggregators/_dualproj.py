@@ -22,7 +22,8 @@ class DualProj(GramAggregator):
     is scale-free (TorchJD zeroes G below ``norm_eps`` instead).
 
     Non-conflicting, linear under scaling, permutation invariant; the mean when it conflicts with
-    no gradient; with T = 1 the update is the gradient.
+    no gradient; with T = 1 the update is the gradient. With ``reg_eps > 0`` only nearly
+    non-conflicting: ``J d >= −reg_eps · trace(G) · w``.
     """
 
     def __init__(self, reg_eps: float = 0.0) -> None:

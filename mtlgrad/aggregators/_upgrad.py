@@ -25,7 +25,9 @@ class UPGrad(GramAggregator):
     solution is scale-free instead, so gradients scaled by 1e-15 give the same direction.
 
     Non-conflicting (``J d >= 0``), linear under scaling, permutation invariant; equal to the mean
-    when no two gradients conflict; with T = 1 the update is the gradient.
+    when no two gradients conflict; with T = 1 the update is the gradient. With ``reg_eps > 0``
+    the projections are TorchJD's regularised ones and only nearly non-conflicting:
+    ``J d >= −reg_eps · trace(G) · w`` (far from 0 when G is singular and the weights large).
     """
 
     def __init__(self, reg_eps: float = 0.0) -> None:
