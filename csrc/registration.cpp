@@ -14,4 +14,10 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
   m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
+  // `reg_eps` is added to the diagonal of G / trace(G) (TorchJD's convention); 0 solves exactly.
+  m.def("upgrad_weights(Tensor gram, float reg_eps) -> Tensor");
+  m.def("dualproj_weights(Tensor gram, float reg_eps) -> Tensor");
+  // `normalization`: 'none', 'l2', 'loss' or 'loss+'; the last two need `losses` (T values).
+  m.def("mgda_weights(Tensor gram, str normalization, Tensor? losses) -> Tensor");
+  m.def("gradient_matching_weights(Tensor gram, int main) -> Tensor");
 }

@@ -20,6 +20,26 @@ def pcgrad_weights(G: Tensor, seed: int) -> Tensor:
     return torch.ops.mtlgrad.pcgrad_weights(G, seed)
 
 
+def upgrad_weights(G: Tensor, reg_eps: float) -> Tensor:
+    """UPGrad's mean of the dual-cone projection weights of every task (Quinton & Rey 2024)."""
+    return torch.ops.mtlgrad.upgrad_weights(G, reg_eps)
+
+
+def dualproj_weights(G: Tensor, reg_eps: float) -> Tensor:
+    """DualProj's dual-cone projection weights of the mean gradient (Quinton & Rey 2024)."""
+    return torch.ops.mtlgrad.dualproj_weights(G, reg_eps)
+
+
+def mgda_weights(G: Tensor, normalization: str, losses: Tensor | None) -> Tensor:
+    """MGDA's min-norm convex weights of the normalised gradients (Sener & Koltun 2018)."""
+    return torch.ops.mtlgrad.mgda_weights(G, normalization, losses)
+
+
+def gradient_matching_weights(G: Tensor, main: int) -> Tensor:
+    """1 for the main task, the non-negative least-squares matching weights for the others."""
+    return torch.ops.mtlgrad.gradient_matching_weights(G, main)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -29,4 +49,24 @@ def _weights_like(G: Tensor) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::pcgrad_weights")
 def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::upgrad_weights")
+def _upgrad_fake(gram: Tensor, reg_eps: float) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::dualproj_weights")
+def _dualproj_fake(gram: Tensor, reg_eps: float) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::mgda_weights")
+def _mgda_fake(gram: Tensor, normalization: str, losses: Tensor | None) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::gradient_matching_weights")
+def _gradient_matching_fake(gram: Tensor, main: int) -> Tensor:
     return _weights_like(gram)

@@ -6,15 +6,23 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._dualproj import DualProj
+from mtlgrad.aggregators._gradient_matching import GradientMatching
 from mtlgrad.aggregators._mean import Mean
+from mtlgrad.aggregators._mgda import MGDA
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._sum import Sum
+from mtlgrad.aggregators._upgrad import UPGrad
 
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "DualProj",
+    "GradientMatching",
     "GramAggregator",
+    "MGDA",
     "Mean",
     "PCGrad",
     "Sum",
+    "UPGrad",
 ]
