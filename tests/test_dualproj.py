@@ -226,5 +226,5 @@ def test_state_round_trip() -> None:
     assert state == {}
     agg.load_state_dict(state)
     agg.reset()
-    with pytest.raises(ValueError, match="stateless"):
+    with pytest.raises(ValueError, match="unexpected state"):
         agg.load_state_dict({"x": 1})
