@@ -14,4 +14,6 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
   m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
+  // Nash-MTL: (alpha, weights); `start` is the previous alpha (or empty), optim_niter = 0 reuses it.
+  m.def("nash_mtl_weights(Tensor gram, Tensor start, int optim_niter, float max_norm) -> (Tensor, Tensor)");
 }

@@ -20,6 +20,17 @@ def pcgrad_weights(G: Tensor, seed: int) -> Tensor:
     return torch.ops.mtlgrad.pcgrad_weights(G, seed)
 
 
+def nash_mtl_weights(
+    G: Tensor, start: Tensor | None, optim_niter: int, max_norm: float
+) -> tuple[Tensor, Tensor]:
+    """Nash-MTL's ``(alpha, weights)`` (Navon et al. 2022): ``alpha`` solves ``G alpha = 1/alpha``
+    by ``optim_niter`` concave-convex iterations started at ``start`` (``optim_niter = 0`` reuses
+    ``start``); ``weights`` is ``alpha`` scaled so that ``||Jᵀ w|| <= max_norm`` (when > 0)."""
+    if start is None:
+        start = G.new_empty((0,), dtype=torch.float64)
+    return torch.ops.mtlgrad.nash_mtl_weights(G, start, optim_niter, max_norm)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -30,3 +41,10 @@ def _weights_like(G: Tensor) -> Tensor:
 @torch.library.register_fake("mtlgrad::pcgrad_weights")
 def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
     return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::nash_mtl_weights")
+def _nash_mtl_fake(
+    gram: Tensor, start: Tensor, optim_niter: int, max_norm: float
+) -> tuple[Tensor, Tensor]:
+    return _weights_like(gram), _weights_like(gram)

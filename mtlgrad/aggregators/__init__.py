@@ -7,6 +7,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._mean import Mean
+from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._sum import Sum
 
@@ -15,6 +16,7 @@ __all__ = [
     "Aggregator",
     "GramAggregator",
     "Mean",
+    "NashMTL",
     "PCGrad",
     "Sum",
 ]
