@@ -31,6 +31,11 @@ def nash_mtl_weights(
     return torch.ops.mtlgrad.nash_mtl_weights(G, start, optim_niter, max_norm)
 
 
+def rlw_weights(G: Tensor, seed: int) -> Tensor:
+    """Random loss weighting (Lin et al. 2022): softmax of T standard normal samples."""
+    return torch.ops.mtlgrad.rlw_weights(G, seed)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -48,3 +53,8 @@ def _nash_mtl_fake(
     gram: Tensor, start: Tensor, optim_niter: int, max_norm: float
 ) -> tuple[Tensor, Tensor]:
     return _weights_like(gram), _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::rlw_weights")
+def _rlw_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)

@@ -9,6 +9,7 @@ from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcgrad import PCGrad
+from mtlgrad.aggregators._rlw import RLW
 from mtlgrad.aggregators._sum import Sum
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "Mean",
     "NashMTL",
     "PCGrad",
+    "RLW",
     "Sum",
 ]
