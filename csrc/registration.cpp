@@ -17,4 +17,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Nash-MTL: (alpha, weights); `start` is the previous alpha (or empty), optim_niter = 0 reuses it.
   m.def("nash_mtl_weights(Tensor gram, Tensor start, int optim_niter, float max_norm) -> (Tensor, Tensor)");
   m.def("rlw_weights(Tensor gram, int seed) -> Tensor");
+  m.def("imtlg_weights(Tensor gram) -> Tensor");
 }

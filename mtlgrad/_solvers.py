@@ -36,6 +36,12 @@ def rlw_weights(G: Tensor, seed: int) -> Tensor:
     return torch.ops.mtlgrad.rlw_weights(G, seed)
 
 
+def imtlg_weights(G: Tensor) -> Tensor:
+    """IMTL-G's weights (Liu et al. 2021): equal projections of the update on the unit gradients,
+    summing to 1; zero gradients get weight 0."""
+    return torch.ops.mtlgrad.imtlg_weights(G)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -57,4 +63,9 @@ def _nash_mtl_fake(
 
 @torch.library.register_fake("mtlgrad::rlw_weights")
 def _rlw_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::imtlg_weights")
+def _imtlg_fake(gram: Tensor) -> Tensor:
     return _weights_like(gram)

@@ -6,6 +6,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcgrad import PCGrad
@@ -16,6 +17,7 @@ __all__ = [
     "Aggregation",
     "Aggregator",
     "GramAggregator",
+    "IMTLG",
     "Mean",
     "NashMTL",
     "PCGrad",
