@@ -18,4 +18,7 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("nash_mtl_weights(Tensor gram, Tensor start, int optim_niter, float max_norm) -> (Tensor, Tensor)");
   m.def("rlw_weights(Tensor gram, int seed) -> Tensor");
   m.def("imtlg_weights(Tensor gram) -> Tensor");
+  // Auxiliary-task methods: `main` is the index of the main task.
+  m.def("cosine_gating_weights(Tensor gram, int main, bool weighted) -> Tensor");
+  m.def("hydalearn_weights(Tensor gram, int main) -> Tensor");
 }

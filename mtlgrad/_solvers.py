@@ -42,6 +42,18 @@ def imtlg_weights(G: Tensor) -> Tensor:
     return torch.ops.mtlgrad.imtlg_weights(G)
 
 
+def cosine_gating_weights(G: Tensor, main: int, weighted: bool) -> Tensor:
+    """Du et al. (2018): main weight 1; auxiliary task k weight 1 (or its cosine with the main
+    gradient, when ``weighted``) while that cosine is positive, else 0."""
+    return torch.ops.mtlgrad.cosine_gating_weights(G, main, weighted)
+
+
+def hydalearn_weights(G: Tensor, main: int) -> Tensor:
+    """HydaLearn (Verboven et al. 2020): weights proportional to the first-order main-task gains
+    ``max(G[main, k], 0)``, summing to 1."""
+    return torch.ops.mtlgrad.hydalearn_weights(G, main)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -68,4 +80,14 @@ def _rlw_fake(gram: Tensor, seed: int) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::imtlg_weights")
 def _imtlg_fake(gram: Tensor) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::cosine_gating_weights")
+def _cosine_gating_fake(gram: Tensor, main: int, weighted: bool) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::hydalearn_weights")
+def _hydalearn_fake(gram: Tensor, main: int) -> Tensor:
     return _weights_like(gram)

@@ -6,6 +6,8 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._cosine_gating import CosineGating
+from mtlgrad.aggregators._hydalearn import HydaLearn
 from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._nash_mtl import NashMTL
@@ -16,7 +18,9 @@ from mtlgrad.aggregators._sum import Sum
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "CosineGating",
     "GramAggregator",
+    "HydaLearn",
     "IMTLG",
     "Mean",
     "NashMTL",
