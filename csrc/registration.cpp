@@ -10,6 +10,13 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("gram(Tensor[] grads, int num_tasks) -> (Tensor gram, Tensor nonfinite)");
   // out[k] = sum_t weights[t] * grads[t * K + k], written in place.
   m.def("combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out) -> ()");
+  // GradDrop (csrc/cpu/graddrop_cpu.cpp): out[k] = the sign-dropped sum of grads[t * K + k] over t,
+  // with per-task leak values and the uniforms drawn from Philox keyed by (seed, element index).
+  // Returns, per task, the index of the first tensor holding a NaN or Inf, or -1 (all -1 without
+  // check_finite); when one is found nothing is written.
+  m.def(
+      "graddrop(Tensor[] grads, int num_tasks, Tensor leak, int seed, bool check_finite, "
+      "Tensor(a!)[] out) -> Tensor nonfinite");
 
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).

@@ -7,6 +7,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._cosine_gating import CosineGating
+from mtlgrad.aggregators._graddrop import GradDrop
 from mtlgrad.aggregators._hydalearn import HydaLearn
 from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
@@ -19,6 +20,7 @@ __all__ = [
     "Aggregation",
     "Aggregator",
     "CosineGating",
+    "GradDrop",
     "GramAggregator",
     "HydaLearn",
     "IMTLG",
