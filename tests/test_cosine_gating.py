@@ -87,3 +87,9 @@ def test_checks_and_repr() -> None:
         CosineGating(weighted=1)
     with pytest.raises(ValueError, match="CosineGating: main task 3 is out of range for 2 tasks"):
         CosineGating(main=3)(torch.randn(2, 5))
+
+
+def test_opcheck() -> None:
+    J = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    torch.library.opcheck(torch.ops.mtlgrad.cosine_gating_weights.default, (G, 1, True))

@@ -82,3 +82,9 @@ def test_checks_and_repr() -> None:
         HydaLearn(main=-1)
     with pytest.raises(ValueError, match="HydaLearn: main task 2 is out of range for 2 tasks"):
         HydaLearn(main=2)(torch.randn(2, 5))
+
+
+def test_opcheck() -> None:
+    J = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    torch.library.opcheck(torch.ops.mtlgrad.hydalearn_weights.default, (G, 2))

@@ -97,3 +97,9 @@ def test_matches_torchjd(T: int) -> None:
     torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
     J = torch.randn(T, 40, generator=gen(T), dtype=torch.float64)
     torch.testing.assert_close(IMTLG()(J), torchjd_aggregation.IMTLG()(J), rtol=1e-9, atol=1e-12)
+
+
+def test_opcheck() -> None:
+    J = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    torch.library.opcheck(torch.ops.mtlgrad.imtlg_weights.default, (G,))

@@ -261,3 +261,12 @@ def test_matches_torchjd() -> None:
     expected = torchjd_aggregation.NashMTL(n_tasks=4, max_norm=0.0)(J)
     # TorchJD stops on its solver's tolerances (ECOS, and a change below 1e-6).
     torch.testing.assert_close(NashMTL(max_norm=0.0)(J), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck() -> None:
+    J = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    torch.library.opcheck(
+        torch.ops.mtlgrad.nash_mtl_weights.default,
+        (G, torch.empty(0, dtype=torch.float64), 20, 1.0),
+    )

@@ -109,3 +109,9 @@ def test_same_distribution_as_torchjd() -> None:
         diff = w[:, 0].log() - w[:, 2].log()
         assert abs(float(diff.var()) - 2) < 0.2
         assert abs(float(w.mean(0).max()) - 1 / T) < 0.02
+
+
+def test_opcheck() -> None:
+    J = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    torch.library.opcheck(torch.ops.mtlgrad.rlw_weights.default, (G, 3))
