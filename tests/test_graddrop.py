@@ -68,10 +68,10 @@ SHAPES = [(3, 5), (7,), (1,), (2, 3, 2), (0,), (9,)]  # tensor boundaries off th
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T", [1, 2, 3, 8])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 64])
 def test_matches_the_reference(T: int, dtype: torch.dtype) -> None:
     grads = random_task_grads(SHAPES, T, dtype=dtype, seed=T)
-    leak = [0.0, 0.25, 1.0, 0.5, 0.0, 0.1, 0.9, 0.3][:T]
+    leak = ([0.0, 0.25, 1.0, 0.5, 0.0, 0.1, 0.9, 0.3] * 8)[:T]
     seed = 0x1234_5678_9ABC_DEF1
     out = ops.graddrop(grads, T, leak, seed)
     J = task_matrix(grads, T).to(dtype)

@@ -73,6 +73,16 @@ def test_singular_systems_use_the_pseudo_inverse(T: int, name: str) -> None:
     torch.testing.assert_close(IMTLG()(J), J.T @ expected, rtol=1e-7, atol=1e-7 * float(J.norm()))
 
 
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_256_tasks(duplicated: bool) -> None:
+    J = torch.randn(256, 600, generator=gen(13), dtype=torch.float64)
+    if duplicated:  # a singular system: the pseudo-inverse path
+        J[128:] = J[:128]
+    d = IMTLG()(J)
+    projections = (J / J.norm(dim=1, keepdim=True)) @ d
+    torch.testing.assert_close(projections, projections[0].expand(256), rtol=1e-9, atol=1e-9)
+
+
 def test_zero_gradient_gets_weight_zero() -> None:
     J = torch.randn(4, 30, generator=gen(4), dtype=torch.float64)
     J[0] = 0

@@ -133,6 +133,14 @@ def test_large_number_of_tasks() -> None:
     assert torch.isfinite(d).all() and abs(float(d.norm()) - 1) < 1e-4
 
 
+def test_256_tasks() -> None:
+    J = torch.randn(256, 600, generator=gen(13), dtype=torch.float64)
+    J[:80] -= 0.7 * J[80:160]  # many conflicting pairs
+    G = J @ J.T
+    alpha = NashMTL(max_norm=0.0).weights(G)
+    torch.testing.assert_close(alpha * (G @ alpha), torch.ones(256, dtype=torch.float64))
+
+
 def conflicting_start_case() -> tuple[torch.Tensor, torch.Tensor]:
     """A trace-normalised G and a start α_0 = 1 whose first convex problem has inactive
     constraints (its solution is not the fixed point)."""
