@@ -127,7 +127,7 @@ MTLGRAD_CLONES [[gnu::noinline]] void add_kept(const scalar_t* __restrict g, con
     const acc_t v = static_cast<acc_t>(g[j]);
     const acc_t positive = v > 0 ? acc_t(1) : acc_t(0), negative = v < 0 ? acc_t(1) : acc_t(0);
     const acc_t kept = negative + keep[j] * (positive - negative);  // M: 1 if v's sign is kept
-    result[j] += (kept + (1 - kept) * leak) * v;                    // exactly v or leak · v
+    result[j] += (kept + (1 - kept) * leak) * v;                    // coefficient exactly 1 or leak
   }
 }
 
