@@ -10,6 +10,13 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("gram(Tensor[] grads, int num_tasks) -> (Tensor gram, Tensor nonfinite)");
   // out[k] = sum_t weights[t] * grads[t * K + k], written in place.
   m.def("combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out) -> ()");
+  // GradDrop (csrc/cpu/graddrop_cpu.cpp): out[k] = the sign-dropped sum of grads[t * K + k] over t,
+  // with per-task leak values and the uniforms drawn from Philox keyed by (seed, element index).
+  // Returns, per task, the index of the first tensor holding a NaN or Inf, or -1 (all -1 without
+  // check_finite); when one is found nothing is written.
+  m.def(
+      "graddrop(Tensor[] grads, int num_tasks, Tensor leak, int seed, bool check_finite, "
+      "Tensor(a!)[] out) -> Tensor nonfinite");
 
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
@@ -20,4 +27,11 @@ TORCH_LIBRARY(mtlgrad, m) {
   // `normalization`: 'none', 'l2', 'loss' or 'loss+'; the last two need `losses` (T values).
   m.def("mgda_weights(Tensor gram, str normalization, Tensor? losses) -> Tensor");
   m.def("gradient_matching_weights(Tensor gram, int main) -> Tensor");
+  // Nash-MTL: (alpha, weights); `start` is the previous alpha (or empty), optim_niter = 0 reuses it.
+  m.def("nash_mtl_weights(Tensor gram, Tensor start, int optim_niter, float max_norm) -> (Tensor, Tensor)");
+  m.def("rlw_weights(Tensor gram, int seed) -> Tensor");
+  m.def("imtlg_weights(Tensor gram) -> Tensor");
+  // Auxiliary-task methods: `main` is the index of the main task.
+  m.def("cosine_gating_weights(Tensor gram, int main, bool weighted) -> Tensor");
+  m.def("hydalearn_weights(Tensor gram, int main) -> Tensor");
 }

@@ -40,6 +40,40 @@ def gradient_matching_weights(G: Tensor, main: int) -> Tensor:
     return torch.ops.mtlgrad.gradient_matching_weights(G, main)
 
 
+def nash_mtl_weights(
+    G: Tensor, start: Tensor | None, optim_niter: int, max_norm: float
+) -> tuple[Tensor, Tensor]:
+    """Nash-MTL's ``(alpha, weights)`` (Navon et al. 2022): ``alpha`` solves ``G alpha = 1/alpha``
+    by ``optim_niter`` concave-convex iterations started at ``start`` (``optim_niter = 0`` reuses
+    ``start``); ``weights`` is ``alpha`` scaled so that ``||Jᵀ w|| <= max_norm`` (when > 0)."""
+    if start is None:
+        start = G.new_empty((0,), dtype=torch.float64)
+    return torch.ops.mtlgrad.nash_mtl_weights(G, start, optim_niter, max_norm)
+
+
+def rlw_weights(G: Tensor, seed: int) -> Tensor:
+    """Random loss weighting (Lin et al. 2022): softmax of T standard normal samples."""
+    return torch.ops.mtlgrad.rlw_weights(G, seed)
+
+
+def imtlg_weights(G: Tensor) -> Tensor:
+    """IMTL-G's weights (Liu et al. 2021): equal projections of the update on the unit gradients,
+    summing to 1; zero gradients get weight 0."""
+    return torch.ops.mtlgrad.imtlg_weights(G)
+
+
+def cosine_gating_weights(G: Tensor, main: int, weighted: bool) -> Tensor:
+    """Du et al. (2018): main weight 1; auxiliary task k weight 1 (or its cosine with the main
+    gradient, when ``weighted``) while that cosine is positive, else 0."""
+    return torch.ops.mtlgrad.cosine_gating_weights(G, main, weighted)
+
+
+def hydalearn_weights(G: Tensor, main: int) -> Tensor:
+    """HydaLearn (Verboven et al. 2020): weights proportional to the first-order main-task gains
+    ``max(G[main, k], 0)``, summing to 1."""
+    return torch.ops.mtlgrad.hydalearn_weights(G, main)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -69,4 +103,31 @@ def _mgda_fake(gram: Tensor, normalization: str, losses: Tensor | None) -> Tenso
 
 @torch.library.register_fake("mtlgrad::gradient_matching_weights")
 def _gradient_matching_fake(gram: Tensor, main: int) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::nash_mtl_weights")
+def _nash_mtl_fake(
+    gram: Tensor, start: Tensor, optim_niter: int, max_norm: float
+) -> tuple[Tensor, Tensor]:
+    return _weights_like(gram), _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::rlw_weights")
+def _rlw_fake(gram: Tensor, seed: int) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::imtlg_weights")
+def _imtlg_fake(gram: Tensor) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::cosine_gating_weights")
+def _cosine_gating_fake(gram: Tensor, main: int, weighted: bool) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::hydalearn_weights")
+def _hydalearn_fake(gram: Tensor, main: int) -> Tensor:
     return _weights_like(gram)

@@ -24,6 +24,7 @@ __all__ = [
     "NonFiniteGradientError",
     "combine",
     "cpu_kernels",
+    "graddrop",
     "gram",
     "set_cpu_kernels",
     "supported_cpu_kernels",
@@ -156,6 +157,74 @@ def combine(
     return out
 
 
+def graddrop(
+    grads: Sequence[Tensor],
+    num_tasks: int,
+    leak: Tensor | Sequence[float] | None = None,
+    seed: int = 0,
+    out: Sequence[Tensor] | None = None,
+    *,
+    check_finite: bool = True,
+    names: Sequence[str] | None = None,
+) -> list[Tensor]:
+    """GradDrop's sign-dropped sum of the task gradients (Chen et al. 2020, Algorithm 1), fused.
+
+    For every element, with ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)`` and one uniform ``U`` shared by
+    all tasks, the positive task values are kept when ``U < P`` and the negative ones otherwise;
+    ``out = Σ_t (leak_t + (1 − leak_t) M_t) g_t`` where ``M_t`` is 1 for a kept value.
+
+    ``U`` is ``(x >> 8) · 2⁻²⁴`` where ``x`` is word ``e mod 4`` of Philox4x32-10 with key
+    ``seed`` (low word first) and counter ``(0, 0, e // 4)`` (torch's ``at::Philox4_32(seed,
+    subsequence=e // 4)``), ``e`` the element's index in the concatenation of a task's flattened
+    tensors: the result does not depend on the number of threads.
+
+    Args:
+        grads: task-major list of ``num_tasks * K`` tensors, as for :func:`gram`.
+        num_tasks: T, the number of tasks.
+        leak: T values in [0, 1] (how much of a dropped value still passes); zeros when omitted.
+        seed: the generator's key, an int in [0, 2⁶³).
+        out: K tensors to write into, as for :func:`combine`; allocated when omitted.
+        check_finite: first check the gradients and raise :class:`NonFiniteGradientError` (then
+            nothing is written); costs one more read of the gradients. With ``False`` NaN and Inf
+            propagate into ``out``.
+        names: optional names of the K tensors of a task, used in errors.
+
+    Returns:
+        The K output tensors. Sums are accumulated in fp32 (fp64 for fp64 gradients).
+    """
+    grads = list(grads)
+    k = _num_tensors(grads, num_tasks, "mtlgrad.graddrop")
+    if names is not None and len(names) != k:
+        raise ValueError(f"mtlgrad.graddrop: got {len(names)} names for {k} tensors per task")
+    device = grads[0].device if grads else None
+    if leak is None:
+        leak = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    elif not isinstance(leak, Tensor):
+        leak = torch.tensor(list(leak), dtype=torch.float64, device=device)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"mtlgrad.graddrop: seed must be an int in [0, 2**63), got {seed!r}")
+    if out is None:
+        out = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads[:k]]
+    else:
+        out = list(out)
+    if not grads:
+        if out:
+            raise ValueError(
+                f"mtlgrad.graddrop: got {len(out)} output tensors for 0 tensors per task"
+            )
+        return out
+    nonfinite = torch.ops.mtlgrad.graddrop(grads, num_tasks, leak, seed, check_finite, out)
+    if check_finite:
+        first = nonfinite.tolist()
+        tasks = [t for t, index in enumerate(first) if index >= 0]
+        if tasks:
+            indices = [first[t] for t in tasks]
+            raise NonFiniteGradientError(
+                tasks, indices, None if names is None else [names[i] for i in indices]
+            )
+    return out
+
+
 def cpu_kernels() -> str:
     """Name of the CPU kernel set in use: ``generic``, ``avx2`` or ``avx512``.
 
@@ -244,3 +313,29 @@ def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: lis
                 f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
                 f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
             )
+
+
+@torch.library.register_fake("mtlgrad::graddrop")
+def _graddrop_fake(
+    grads: list[Tensor],
+    num_tasks: int,
+    leak: Tensor,
+    seed: int,
+    check_finite: bool,
+    out: list[Tensor],
+) -> Tensor:
+    op = "mtlgrad.graddrop"
+    k = _check_task_grads(op, grads, num_tasks)
+    if leak.dim() != 1 or leak.numel() != num_tasks:
+        raise ValueError(
+            f"{op}: leak must have shape [{num_tasks}] (one value per task), got {list(leak.shape)}"
+        )
+    if len(out) != k:
+        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
+    for i, o in enumerate(out):
+        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
+            raise ValueError(
+                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
+                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
+            )
+    return grads[0].new_empty((num_tasks,), dtype=torch.int64)

@@ -6,23 +6,35 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._cosine_gating import CosineGating
 from mtlgrad.aggregators._dualproj import DualProj
+from mtlgrad.aggregators._graddrop import GradDrop
 from mtlgrad.aggregators._gradient_matching import GradientMatching
+from mtlgrad.aggregators._hydalearn import HydaLearn
+from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._mgda import MGDA
+from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcgrad import PCGrad
+from mtlgrad.aggregators._rlw import RLW
 from mtlgrad.aggregators._sum import Sum
 from mtlgrad.aggregators._upgrad import UPGrad
 
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "CosineGating",
     "DualProj",
+    "GradDrop",
     "GradientMatching",
     "GramAggregator",
-    "MGDA",
+    "HydaLearn",
+    "IMTLG",
     "Mean",
+    "MGDA",
+    "NashMTL",
     "PCGrad",
+    "RLW",
     "Sum",
     "UPGrad",
 ]
