@@ -176,3 +176,28 @@ def test_sum_and_mean_steps_do_not_synchronise() -> None:
         ops.combine(grads, 4, weights)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 2, 5])
+def test_graddrop_matches_cpu(dtype: torch.dtype, num_tasks: int) -> None:
+    # Same Philox uniforms on both devices: the kept signs agree exactly, so the results agree
+    # up to the rounding of the sums.
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    leak = torch.linspace(0, 1, num_tasks, dtype=torch.float64)
+    on_cpu = ops.graddrop(grads, num_tasks, leak, seed=1234)
+    on_gpu = ops.graddrop(cuda(grads), num_tasks, leak.cuda(), seed=1234)
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    for a, b in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tolerance, atol=tolerance)
+
+
+def test_graddrop_deterministic_and_nonfinite_leaves_out_untouched() -> None:
+    grads = cuda(random_task_grads([(100_003,), (9,)], 3, seed=10))
+    first = ops.graddrop(grads, 3, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(ops.graddrop(grads, 3, seed=7), first))
+    grads[1 * 2 + 0][17] = float("nan")
+    out = [torch.full_like(g, 5.0) for g in grads[:2]]
+    with pytest.raises(ops.NonFiniteGradientError):
+        ops.graddrop(grads, 3, seed=7, out=out)
+    assert all((o == 5.0).all() for o in out)

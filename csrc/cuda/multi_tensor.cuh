@@ -26,6 +26,7 @@ struct TaskTable {
   const void* const* ptrs;  // num_tasks * num_tensors, task-major
   const ChunkInfo* chunks;
   const int32_t* aligned;  // per tensor: 1 when every task's pointer (and the output's) is 16-byte aligned
+  const int64_t* starts;   // per tensor: index of its first element in a task's flattened gradient
   int64_t num_chunks;
   int32_t num_tasks;
   int32_t num_tensors;

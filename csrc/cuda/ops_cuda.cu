@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +17,7 @@
 
 #include "../task_grads.h"
 #include "combine_kernels.cuh"
+#include "graddrop_kernels.cuh"
 #include "gram_kernels.cuh"
 #include "multi_tensor.cuh"
 
@@ -195,11 +197,114 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
     if (staged[k].defined()) out[k].copy_(staged[k]);
 }
 
+template <typename scalar_t, typename acc_t>
+void launch_graddrop(const TaskTable& tab, void* const* out_ptrs, const double* leak, uint64_t seed,
+                     long long* bad) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, 8 * multiprocessor_count())));
+  if (bad != nullptr) {
+    graddrop_check_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(tab, bad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const size_t shared = sizeof(acc_t) * static_cast<size_t>(tab.num_tasks);
+  graddrop_kernel<scalar_t, acc_t><<<blocks, kThreads, shared, stream>>>(tab, out_ptrs, leak, seed, bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Same contract as the CPU op (csrc/cpu/graddrop_cpu.cpp): returns, per task, the first tensor
+// holding a NaN or Inf (or -1); with check_finite nothing is written when there is one. The leak
+// values must lie in [0, 1] (checked by the Python layer: reading them here would synchronise).
+at::Tensor graddrop_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& leak, int64_t seed,
+                         bool check_finite, at::TensorList out) {
+  const char* op = "mtlgrad.graddrop";
+  const TaskGradLayout layout = check_task_grads(op, grads, num_tasks);
+  const int64_t K = layout.num_tensors;
+  const c10::Device device = K > 0 ? layout.device : leak.device();
+  TORCH_CHECK_VALUE(leak.dim() == 1 && leak.numel() == num_tasks, op, ": leak must have shape [", num_tasks,
+                    "] (one value per task), got ", leak.sizes());
+  TORCH_CHECK_VALUE(leak.device() == device, op, ": leak is on ", leak.device(), " but must be on ", device);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(), " output tensors for ",
+                    K, " tensors per task");
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK_VALUE(out[k].sizes() == grads[k].sizes() && out[k].scalar_type() == layout.dtype &&
+                          out[k].device() == device,
+                      op, ": output ", k, " must match tensor ", k, " of each task (shape ", grads[k].sizes(),
+                      ", dtype ", layout.dtype, ", device ", device, ")");
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor nonfinite = at::full({num_tasks}, check_finite ? LLONG_MAX : -1,
+                                  at::TensorOptions().dtype(at::kLong).device(device));
+  if (K == 0 || layout.numel_per_task() == 0) {
+    if (check_finite) nonfinite.fill_(-1);
+    return nonfinite;
+  }
+  std::vector<at::Tensor> keep;
+  const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
+  const at::Tensor l = leak.to(at::kDouble).contiguous();
+  std::vector<at::Tensor> staged(static_cast<size_t>(K));
+  std::vector<const void*> out_ptrs(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    bool direct = out[k].is_contiguous();
+    for (int64_t t = 0; direct && t < num_tasks; ++t) {
+      const char* o = static_cast<const char*>(out[k].data_ptr());
+      const char* g = static_cast<const char*>(ptrs[t * K + k]);
+      const int64_t bytes = out[k].numel() * out[k].element_size();
+      direct = o + bytes <= g || g + bytes <= o;
+    }
+    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
+  }
+  std::vector<const void*> table_ptrs = ptrs;
+  table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
+  at::Tensor storage;
+  TaskTable tab = upload_table(table_ptrs, tensor_sizes(layout), num_tasks + 1, {}, device, storage);
+  tab.num_tasks = static_cast<int32_t>(num_tasks);
+  void* const* device_out = const_cast<void* const*>(tab.ptrs + num_tasks * K);
+  long long* bad = check_finite ? reinterpret_cast<long long*>(nonfinite.data_ptr<int64_t>()) : nullptr;
+  const double* lp = l.data_ptr<double>();
+  const uint64_t s = static_cast<uint64_t>(seed);
+  switch (layout.dtype) {
+    case at::kFloat:
+      launch_graddrop<float, float>(tab, device_out, lp, s, bad);
+      break;
+    case at::kDouble:
+      launch_graddrop<double, double>(tab, device_out, lp, s, bad);
+      break;
+    case at::kHalf:
+      launch_graddrop<c10::Half, float>(tab, device_out, lp, s, bad);
+      break;
+    case at::kBFloat16:
+      launch_graddrop<c10::BFloat16, float>(tab, device_out, lp, s, bad);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable");
+  }
+  // Staged outputs are copied only when the kernel wrote them; without a host round trip that is
+  // decided on the device: copy through a mask that keeps `out` when a gradient was non-finite.
+  for (int64_t k = 0; k < K; ++k) {
+    if (!staged[k].defined()) continue;
+    if (check_finite) {
+      const at::Tensor ok = nonfinite.eq(LLONG_MAX).all();
+      out[k].copy_(at::where(ok, staged[k], out[k]));
+    } else {
+      out[k].copy_(staged[k]);
+    }
+  }
+  if (check_finite) {
+    mark_finite_kernel<<<static_cast<int>((num_tasks + kThreads - 1) / kThreads), kThreads, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(bad, static_cast<int>(num_tasks));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return nonfinite;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtlgrad, CUDA, m) {
   m.impl("gram", &gram_cuda);
   m.impl("combine", &combine_cuda);
+  m.impl("graddrop", &graddrop_cuda);
 }
 
 }  // namespace mtlgrad::cuda
