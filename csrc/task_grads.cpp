@@ -1,5 +1,7 @@
 #include "task_grads.h"
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace mtlgrad {
@@ -50,21 +52,10 @@ TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t nu
   return layout;
 }
 
-void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, const at::Tensor& weights,
-                        at::TensorList out, c10::Device weights_device) {
-  const char* op = "mtlgrad.combine";
-  const int64_t T = layout.num_tasks;
+void check_outputs(const char* op, const TaskGradLayout& layout, at::TensorList grads, at::TensorList out) {
   const int64_t K = layout.num_tensors;
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == T, op, ": weights must have shape [", T,
-                    "] (one per task), got ", weights.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), op,
-                   ": weights must be a floating-point tensor, got ", weights.scalar_type());
-  TORCH_CHECK_VALUE(weights.device() == weights_device, op, ": weights are on ", weights.device(),
-                    " but must be on ", weights_device);
   TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(), " output tensors for ",
-                    K,
-                    " tensors per task; out needs one tensor per gradient "
-                    "tensor of a task");
+                    K, " tensors per task; out needs one tensor per gradient tensor of a task");
   for (int64_t k = 0; k < K; ++k) {
     const at::Tensor& o = out[k];
     TORCH_CHECK_VALUE(o.defined(), op, ": output ", k, " is undefined (None)");
@@ -77,6 +68,52 @@ void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, cons
     TORCH_CHECK_VALUE(o.device() == layout.device, op, ": output ", k, " is on ", o.device(),
                       " but the gradients are on ", layout.device);
   }
+}
+
+void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, const at::Tensor& weights,
+                        at::TensorList out, c10::Device weights_device) {
+  const char* op = "mtlgrad.combine";
+  const int64_t T = layout.num_tasks;
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == T, op, ": weights must have shape [", T,
+                    "] (one per task), got ", weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), op,
+                   ": weights must be a floating-point tensor, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == weights_device, op, ": weights are on ", weights.device(),
+                    " but must be on ", weights_device);
+  check_outputs(op, layout, grads, out);
+}
+
+std::vector<const void*> contiguous_pointers(at::TensorList tensors, std::vector<at::Tensor>& keep) {
+  std::vector<const void*> ptrs(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].is_contiguous()) {
+      ptrs[i] = tensors[i].data_ptr();
+    } else {
+      keep.push_back(tensors[i].contiguous());
+      ptrs[i] = keep.back().data_ptr();
+    }
+  }
+  return ptrs;
+}
+
+std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList grads, at::TensorList out,
+                                   std::vector<at::Tensor>& staged) {
+  const int64_t K = layout.num_tensors;
+  staged.assign(static_cast<size_t>(K), at::Tensor());
+  std::vector<void*> ptrs(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    bool direct = out[k].is_contiguous();
+    for (int64_t t = 0; direct && t < layout.num_tasks; ++t)
+      direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
+    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
+  }
+  return ptrs;
+}
+
+void copy_staged(at::TensorList out, const std::vector<at::Tensor>& staged) {
+  for (size_t k = 0; k < staged.size(); ++k)
+    if (staged[k].defined()) out[k].copy_(staged[k]);
 }
 
 }  // namespace mtlgrad

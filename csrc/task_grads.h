@@ -25,9 +25,24 @@ struct TaskGradLayout {
 // error messages, e.g. "mtlgrad.gram".
 TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t num_tasks);
 
-// Checks combine's weights (1-D, num_tasks floats, on `device`) and outputs (one per tensor of a
-// task, same shape, dtype and device as the gradients).
+// Checks one output per tensor of a task: same shape, dtype and device as the gradients.
+void check_outputs(const char* op, const TaskGradLayout& layout, at::TensorList grads, at::TensorList out);
+
+// Checks combine's weights (1-D, num_tasks floats, on `device`) and outputs.
 void check_combine_args(const TaskGradLayout& layout, at::TensorList grads, const at::Tensor& weights,
                         at::TensorList out, c10::Device weights_device);
+
+// Raw pointers to contiguous versions of the tensors; non-contiguous ones are copied (the copies
+// are kept alive in `keep`).
+std::vector<const void*> contiguous_pointers(at::TensorList tensors, std::vector<at::Tensor>& keep);
+
+// Where an op writes output k: out[k] itself when it is contiguous and shares no memory with any
+// task's tensor k (the kernels read the inputs while they write), else a fresh tensor in
+// `staged[k]`, to be copied into out[k] afterwards (see copy_staged).
+std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList grads, at::TensorList out,
+                                   std::vector<at::Tensor>& staged);
+
+// out[k].copy_(staged[k]) for every staged output.
+void copy_staged(at::TensorList out, const std::vector<at::Tensor>& staged);
 
 }  // namespace mtlgrad

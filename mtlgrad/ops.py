@@ -287,6 +287,18 @@ def _check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
     return k
 
 
+def _check_outputs(op: str, grads: Sequence[Tensor], k: int, out: Sequence[Tensor]) -> None:
+    """The native ops' output checks (csrc/task_grads.cpp, check_outputs), for fake tensors."""
+    if len(out) != k:
+        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
+    for i, o in enumerate(out):
+        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
+            raise ValueError(
+                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
+                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
+            )
+
+
 @torch.library.register_fake("mtlgrad::gram")
 def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
     _check_task_grads("mtlgrad.gram", grads, num_tasks)
@@ -305,14 +317,7 @@ def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: lis
         raise ValueError(
             f"{op}: weights must have shape [{num_tasks}] (one per task), got {list(weights.shape)}"
         )
-    if len(out) != k:
-        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
-    for i, o in enumerate(out):
-        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
-            raise ValueError(
-                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
-                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
-            )
+    _check_outputs(op, grads, k, out)
 
 
 @torch.library.register_fake("mtlgrad::graddrop")
@@ -330,12 +335,5 @@ def _graddrop_fake(
         raise ValueError(
             f"{op}: leak must have shape [{num_tasks}] (one value per task), got {list(leak.shape)}"
         )
-    if len(out) != k:
-        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
-    for i, o in enumerate(out):
-        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
-            raise ValueError(
-                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
-                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
-            )
+    _check_outputs(op, grads, k, out)
     return grads[0].new_empty((num_tasks,), dtype=torch.int64)

@@ -53,20 +53,7 @@ void check_graddrop_args(const TaskGradLayout& layout, at::TensorList grads, con
     const double v = l.data_ptr<double>()[t];
     TORCH_CHECK_VALUE(v >= 0 && v <= 1, op, ": leak[", t, "] = ", v, " is outside [0, 1]");
   }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(), " output tensors for ",
-                    K, " tensors per task; out needs one tensor per gradient tensor of a task");
-  for (const auto k : c10::irange(K)) {
-    const at::Tensor& o = out[k];
-    TORCH_CHECK_VALUE(o.defined(), op, ": output ", k, " is undefined (None)");
-    TORCH_CHECK_VALUE(o.layout() == at::kStrided, op, ": output ", k, " has layout ", o.layout(),
-                      "; only dense (strided) tensors are supported");
-    TORCH_CHECK_VALUE(o.sizes() == grads[k].sizes(), op, ": output ", k, " has shape ", o.sizes(),
-                      " but tensor ", k, " of each task has shape ", grads[k].sizes());
-    TORCH_CHECK_TYPE(o.scalar_type() == layout.dtype, op, ": output ", k, " has dtype ", o.scalar_type(),
-                     " but the gradients are ", layout.dtype);
-    TORCH_CHECK_VALUE(o.device() == layout.device, op, ": output ", k, " is on ", o.device(),
-                      " but the gradients are on ", layout.device);
-  }
+  check_outputs(op, layout, grads, out);
 }
 
 // Calls fn(k, first, last) for the pieces of the global element range [begin, end) that lie in
@@ -258,19 +245,6 @@ std::vector<int64_t> first_nonfinite(const TaskGradLayout& layout, const std::ve
   return result;
 }
 
-std::vector<const void*> contiguous_pointers(at::TensorList grads, std::vector<at::Tensor>& keep) {
-  std::vector<const void*> ptrs(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].is_contiguous()) {
-      ptrs[i] = grads[i].data_ptr();
-    } else {
-      keep.push_back(grads[i].contiguous());
-      ptrs[i] = keep.back().data_ptr();
-    }
-  }
-  return ptrs;
-}
-
 at::Tensor graddrop_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& leak, int64_t seed,
                         bool check_finite, at::TensorList out) {
   const char* op = "mtlgrad.graddrop";
@@ -298,22 +272,14 @@ at::Tensor graddrop_cpu(at::TensorList grads, int64_t num_tasks, const at::Tenso
 
   // Outputs that are not contiguous or that share memory with an input are computed into a fresh
   // tensor and copied at the end.
-  std::vector<at::Tensor> staged(static_cast<size_t>(K));
-  std::vector<void*> out_ptrs(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    bool direct = out[k].is_contiguous();
-    for (int64_t t = 0; direct && t < num_tasks; ++t)
-      direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
-    if (!direct) staged[size_t(k)] = at::empty(out[k].sizes(), out[k].options());
-    out_ptrs[size_t(k)] = direct ? out[k].data_ptr() : staged[size_t(k)].data_ptr();
-  }
+  std::vector<at::Tensor> staged;
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
   const at::Tensor l = leak.to(at::kDouble).contiguous();
   const std::vector<double> leak_values(l.data_ptr<double>(), l.data_ptr<double>() + num_tasks);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layout.dtype, "graddrop", [&] {
     graddrop_kernel<scalar_t>(layout, ptrs, out_ptrs, leak_values, static_cast<uint64_t>(seed));
   });
-  for (int64_t k = 0; k < K; ++k)
-    if (staged[size_t(k)].defined()) out[k].copy_(staged[size_t(k)]);
+  copy_staged(out, staged);
   return nonfinite;
 }
 

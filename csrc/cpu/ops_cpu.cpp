@@ -1,7 +1,6 @@
 // CPU implementations of the mtlgrad ops: argument checks, contiguity, the split of the work over
 // threads and the fixed-order reduction of the per-block partial sums. The arithmetic lives in
 // the per-instruction-set kernels (kernels_impl.h).
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,21 +33,6 @@ cpu::DType to_kernel_dtype(at::ScalarType t) {
     default:
       TORCH_CHECK(false, "unreachable: unsupported dtype ", t);
   }
-}
-
-// Raw pointers to contiguous versions of the gradients; non-contiguous ones are copied (kept
-// alive in `keep`).
-std::vector<const void*> contiguous_pointers(at::TensorList grads, std::vector<at::Tensor>& keep) {
-  std::vector<const void*> ptrs(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].is_contiguous()) {
-      ptrs[i] = grads[i].data_ptr();
-    } else {
-      keep.push_back(grads[i].contiguous());
-      ptrs[i] = keep.back().data_ptr();
-    }
-  }
-  return ptrs;
 }
 
 void check_cpu(const TaskGradLayout& layout, const char* op) {
@@ -113,16 +97,8 @@ void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weig
 
   // Outputs that are not contiguous, or that share memory with an input (e.g. writing the result
   // over task 0's gradient), are computed into a fresh tensor and copied at the end.
-  std::vector<at::Tensor> staged(static_cast<size_t>(K));
-  std::vector<void*> out_ptrs(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    bool direct = out[k].is_contiguous();
-    for (int64_t t = 0; direct && t < num_tasks; ++t) {
-      direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
-    }
-    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
-    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
-  }
+  std::vector<at::Tensor> staged;
+  std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
 
   const cpu::TaskTensors tasks{num_tasks, K, to_kernel_dtype(layout.dtype), ptrs.data(),
                                layout.offsets.data()};
@@ -131,9 +107,7 @@ void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weig
   at::parallel_for(0, layout.numel_per_task(), 1 << 16, [&](int64_t begin, int64_t end) {
     kernels.combine(tasks, wp, out_ptrs.data(), begin, end);
   });
-  for (int64_t k = 0; k < K; ++k) {
-    if (staged[k].defined()) out[k].copy_(staged[k]);
-  }
+  copy_staged(out, staged);
 }
 
 }  // namespace

@@ -26,23 +26,23 @@ namespace {
 
 constexpr int kThreads = 256;
 
-std::vector<const void*> contiguous_pointers(at::TensorList grads, std::vector<at::Tensor>& keep) {
-  std::vector<const void*> ptrs(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].is_contiguous()) {
-      ptrs[i] = grads[i].data_ptr();
-    } else {
-      keep.push_back(grads[i].contiguous());
-      ptrs[i] = keep.back().data_ptr();
-    }
-  }
-  return ptrs;
-}
-
 std::vector<int64_t> tensor_sizes(const TaskGradLayout& layout) {
   std::vector<int64_t> sizes(static_cast<size_t>(layout.num_tensors));
   for (int64_t k = 0; k < layout.num_tensors; ++k) sizes[k] = layout.offsets[k + 1] - layout.offsets[k];
   return sizes;
+}
+
+// The table of an op that writes one output per tensor: the output pointers travel after the
+// gradients' (as a (T+1)-th task, so they share the alignment flags); `out` gets their device copy.
+TaskTable table_with_outputs(const TaskGradLayout& layout, const std::vector<const void*>& ptrs,
+                             const std::vector<void*>& out_ptrs, at::Tensor& storage, void* const*& out) {
+  std::vector<const void*> table_ptrs = ptrs;
+  table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
+  TaskTable tab =
+      upload_table(table_ptrs, tensor_sizes(layout), layout.num_tasks + 1, {}, layout.device, storage);
+  tab.num_tasks = static_cast<int32_t>(layout.num_tasks);
+  out = const_cast<void* const*>(tab.ptrs + layout.num_tasks * layout.num_tensors);
+  return tab;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -157,26 +157,11 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
   const at::Tensor w = weights.to(at::kDouble).contiguous();
 
   // Outputs that are not contiguous or overlap an input are computed apart and copied at the end.
-  std::vector<at::Tensor> staged(static_cast<size_t>(K));
-  std::vector<const void*> out_ptrs(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    bool direct = out[k].is_contiguous();
-    for (int64_t t = 0; direct && t < num_tasks; ++t) {
-      const char* o = static_cast<const char*>(out[k].data_ptr());
-      const char* g = static_cast<const char*>(ptrs[t * K + k]);
-      const int64_t bytes = out[k].numel() * out[k].element_size();
-      direct = o + bytes <= g || g + bytes <= o;
-    }
-    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
-    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
-  }
-  // The output pointers travel in the same table, after the gradients' (as a (T+1)-th task).
-  std::vector<const void*> table_ptrs = ptrs;
-  table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
+  std::vector<at::Tensor> staged;
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
   at::Tensor storage;
-  TaskTable tab = upload_table(table_ptrs, tensor_sizes(layout), num_tasks + 1, {}, layout.device, storage);
-  tab.num_tasks = static_cast<int32_t>(num_tasks);
-  void* const* device_out = const_cast<void* const*>(tab.ptrs + num_tasks * K);
+  void* const* device_out = nullptr;
+  const TaskTable tab = table_with_outputs(layout, ptrs, out_ptrs, storage, device_out);
   switch (layout.dtype) {
     case at::kFloat:
       launch_combine<float, float>(tab, device_out, w.data_ptr<double>());
@@ -193,8 +178,7 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
     default:
       TORCH_CHECK(false, "unreachable");
   }
-  for (int64_t k = 0; k < K; ++k)
-    if (staged[k].defined()) out[k].copy_(staged[k]);
+  copy_staged(out, staged);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -224,14 +208,7 @@ at::Tensor graddrop_cuda(at::TensorList grads, int64_t num_tasks, const at::Tens
   TORCH_CHECK_VALUE(leak.dim() == 1 && leak.numel() == num_tasks, op, ": leak must have shape [", num_tasks,
                     "] (one value per task), got ", leak.sizes());
   TORCH_CHECK_VALUE(leak.device() == device, op, ": leak is on ", leak.device(), " but must be on ", device);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(out.size()) == K, op, ": got ", out.size(), " output tensors for ",
-                    K, " tensors per task");
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK_VALUE(out[k].sizes() == grads[k].sizes() && out[k].scalar_type() == layout.dtype &&
-                          out[k].device() == device,
-                      op, ": output ", k, " must match tensor ", k, " of each task (shape ", grads[k].sizes(),
-                      ", dtype ", layout.dtype, ", device ", device, ")");
-  }
+  check_outputs(op, layout, grads, out);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor nonfinite = at::full({num_tasks}, check_finite ? LLONG_MAX : -1,
                                   at::TensorOptions().dtype(at::kLong).device(device));
@@ -242,25 +219,11 @@ at::Tensor graddrop_cuda(at::TensorList grads, int64_t num_tasks, const at::Tens
   std::vector<at::Tensor> keep;
   const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
   const at::Tensor l = leak.to(at::kDouble).contiguous();
-  std::vector<at::Tensor> staged(static_cast<size_t>(K));
-  std::vector<const void*> out_ptrs(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    bool direct = out[k].is_contiguous();
-    for (int64_t t = 0; direct && t < num_tasks; ++t) {
-      const char* o = static_cast<const char*>(out[k].data_ptr());
-      const char* g = static_cast<const char*>(ptrs[t * K + k]);
-      const int64_t bytes = out[k].numel() * out[k].element_size();
-      direct = o + bytes <= g || g + bytes <= o;
-    }
-    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
-    out_ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
-  }
-  std::vector<const void*> table_ptrs = ptrs;
-  table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
+  std::vector<at::Tensor> staged;
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
   at::Tensor storage;
-  TaskTable tab = upload_table(table_ptrs, tensor_sizes(layout), num_tasks + 1, {}, device, storage);
-  tab.num_tasks = static_cast<int32_t>(num_tasks);
-  void* const* device_out = const_cast<void* const*>(tab.ptrs + num_tasks * K);
+  void* const* device_out = nullptr;
+  const TaskTable tab = table_with_outputs(layout, ptrs, out_ptrs, storage, device_out);
   long long* bad = check_finite ? reinterpret_cast<long long*>(nonfinite.data_ptr<int64_t>()) : nullptr;
   const double* lp = l.data_ptr<double>();
   const uint64_t s = static_cast<uint64_t>(seed);
