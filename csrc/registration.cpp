@@ -14,4 +14,6 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Solvers on the float64 CPU Gram matrix (csrc/solvers/), each returning float64 task weights.
   // `seed` drives a method's random choices (drawn from a torch.Generator by the caller).
   m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
+  // Returns the weights and the updated T x T EMA targets (the input targets are not modified).
+  m.def("gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor, Tensor)");
 }

@@ -20,6 +20,12 @@ def pcgrad_weights(G: Tensor, seed: int) -> Tensor:
     return torch.ops.mtlgrad.pcgrad_weights(G, seed)
 
 
+def gradvac_weights(G: Tensor, targets: Tensor, beta: float, seed: int) -> tuple[Tensor, Tensor]:
+    """GradVac's summed adjustment coefficients and updated EMA targets (Wang et al. 2021,
+    Algorithm 1)."""
+    return torch.ops.mtlgrad.gradvac_weights(G, targets, beta, seed)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -30,3 +36,8 @@ def _weights_like(G: Tensor) -> Tensor:
 @torch.library.register_fake("mtlgrad::pcgrad_weights")
 def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
     return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::gradvac_weights")
+def _gradvac_fake(gram: Tensor, targets: Tensor, beta: float, seed: int) -> tuple[Tensor, Tensor]:
+    return _weights_like(gram), torch.empty_like(targets)
