@@ -16,4 +16,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor");
   // Returns the weights and the updated T x T EMA targets (the input targets are not modified).
   m.def("gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor, Tensor)");
+  m.def("config_weights(Tensor gram) -> Tensor");
 }

@@ -26,6 +26,12 @@ def gradvac_weights(G: Tensor, targets: Tensor, beta: float, seed: int) -> tuple
     return torch.ops.mtlgrad.gradvac_weights(G, targets, beta, seed)
 
 
+def config_weights(G: Tensor) -> Tensor:
+    """ConFIG's weights: the rescaled pseudo-inverse direction of the unit gradients (Liu et al.
+    2024, Eq. 2)."""
+    return torch.ops.mtlgrad.config_weights(G)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -41,3 +47,8 @@ def _pcgrad_fake(gram: Tensor, seed: int) -> Tensor:
 @torch.library.register_fake("mtlgrad::gradvac_weights")
 def _gradvac_fake(gram: Tensor, targets: Tensor, beta: float, seed: int) -> tuple[Tensor, Tensor]:
     return _weights_like(gram), torch.empty_like(targets)
+
+
+@torch.library.register_fake("mtlgrad::config_weights")
+def _config_fake(gram: Tensor) -> Tensor:
+    return _weights_like(gram)

@@ -6,6 +6,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 """
 
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._gradvac import GradVac
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._pcgrad import PCGrad
@@ -14,6 +15,7 @@ from mtlgrad.aggregators._sum import Sum
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "ConFIG",
     "GradVac",
     "GramAggregator",
     "Mean",
