@@ -17,4 +17,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Returns the weights and the updated T x T EMA targets (the input targets are not modified).
   m.def("gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor, Tensor)");
   m.def("config_weights(Tensor gram) -> Tensor");
+  m.def("aligned_mtl_weights(Tensor gram, str scale_mode) -> Tensor");
 }

@@ -32,6 +32,12 @@ def config_weights(G: Tensor) -> Tensor:
     return torch.ops.mtlgrad.config_weights(G)
 
 
+def aligned_mtl_weights(G: Tensor, scale_mode: str) -> Tensor:
+    """Aligned-MTL's weights: the balance transformation applied to the vector of ones
+    (Senushkin et al. 2023, Algorithm 1)."""
+    return torch.ops.mtlgrad.aligned_mtl_weights(G, scale_mode)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -51,4 +57,9 @@ def _gradvac_fake(gram: Tensor, targets: Tensor, beta: float, seed: int) -> tupl
 
 @torch.library.register_fake("mtlgrad::config_weights")
 def _config_fake(gram: Tensor) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::aligned_mtl_weights")
+def _aligned_mtl_fake(gram: Tensor, scale_mode: str) -> Tensor:
     return _weights_like(gram)

@@ -5,6 +5,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 ``agg.weights(G)``.
 """
 
+from mtlgrad.aggregators._aligned_mtl import AlignedMTL
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._gradvac import GradVac
@@ -15,6 +16,7 @@ from mtlgrad.aggregators._sum import Sum
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
     "ConFIG",
     "GradVac",
     "GramAggregator",
