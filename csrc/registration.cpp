@@ -18,4 +18,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor, Tensor)");
   m.def("config_weights(Tensor gram) -> Tensor");
   m.def("aligned_mtl_weights(Tensor gram, str scale_mode) -> Tensor");
+  m.def("fairgrad_weights(Tensor gram, float alpha) -> Tensor");
 }

@@ -38,6 +38,12 @@ def aligned_mtl_weights(G: Tensor, scale_mode: str) -> Tensor:
     return torch.ops.mtlgrad.aligned_mtl_weights(G, scale_mode)
 
 
+def fairgrad_weights(G: Tensor, alpha: float) -> Tensor:
+    """FairGrad's weights: the positive solution of G w = w^(-1/alpha) (Ban & Ji 2024,
+    Algorithm 1)."""
+    return torch.ops.mtlgrad.fairgrad_weights(G, alpha)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -62,4 +68,9 @@ def _config_fake(gram: Tensor) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::aligned_mtl_weights")
 def _aligned_mtl_fake(gram: Tensor, scale_mode: str) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::fairgrad_weights")
+def _fairgrad_fake(gram: Tensor, alpha: float) -> Tensor:
     return _weights_like(gram)

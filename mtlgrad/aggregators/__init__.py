@@ -8,6 +8,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 from mtlgrad.aggregators._aligned_mtl import AlignedMTL
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._config import ConFIG
+from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._gradvac import GradVac
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._pcgrad import PCGrad
@@ -18,6 +19,7 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "ConFIG",
+    "FairGrad",
     "GradVac",
     "GramAggregator",
     "Mean",
