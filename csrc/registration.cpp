@@ -19,4 +19,5 @@ TORCH_LIBRARY(mtlgrad, m) {
   m.def("config_weights(Tensor gram) -> Tensor");
   m.def("aligned_mtl_weights(Tensor gram, str scale_mode) -> Tensor");
   m.def("fairgrad_weights(Tensor gram, float alpha) -> Tensor");
+  m.def("cagrad_weights(Tensor gram, float c, int rescale) -> Tensor");
 }

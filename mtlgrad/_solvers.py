@@ -44,6 +44,12 @@ def fairgrad_weights(G: Tensor, alpha: float) -> Tensor:
     return torch.ops.mtlgrad.fairgrad_weights(G, alpha)
 
 
+def cagrad_weights(G: Tensor, c: float, rescale: int) -> Tensor:
+    """CAGrad's weights ``1/T + √φ w / ||g_w||`` (Liu et al. 2021, Algorithm 1), rescaled as the
+    official code's ``rescale`` 0, 1 or 2."""
+    return torch.ops.mtlgrad.cagrad_weights(G, c, rescale)
+
+
 # ---- fake implementations ---------------------------------------------------------------------
 
 
@@ -73,4 +79,9 @@ def _aligned_mtl_fake(gram: Tensor, scale_mode: str) -> Tensor:
 
 @torch.library.register_fake("mtlgrad::fairgrad_weights")
 def _fairgrad_fake(gram: Tensor, alpha: float) -> Tensor:
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("mtlgrad::cagrad_weights")
+def _cagrad_fake(gram: Tensor, c: float, rescale: int) -> Tensor:
     return _weights_like(gram)

@@ -7,6 +7,7 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 
 from mtlgrad.aggregators._aligned_mtl import AlignedMTL
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._cagrad import CAGrad
 from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._gradvac import GradVac
@@ -18,6 +19,7 @@ __all__ = [
     "Aggregation",
     "Aggregator",
     "AlignedMTL",
+    "CAGrad",
     "ConFIG",
     "FairGrad",
     "GradVac",
