@@ -139,3 +139,10 @@ def test_opcheck() -> None:
 def test_repr() -> None:
     assert repr(AlignedMTL()) == "AlignedMTL(scale_mode='min')"
     assert repr(AlignedMTL("rmse")) == "AlignedMTL(scale_mode='rmse')"
+
+
+def test_256_tasks() -> None:
+    J = torch.randn(256, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(256))
+    w = AlignedMTL().weights(J @ J.T)
+    assert w.shape == (256,) and torch.isfinite(w).all()
+    torch.testing.assert_close(w, reference_weights(J @ J.T, "min"), rtol=1e-8, atol=1e-8)

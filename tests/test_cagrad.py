@@ -223,3 +223,7 @@ def test_opcheck() -> None:
 def test_repr() -> None:
     assert repr(CAGrad()) == "CAGrad(c=0.5, rescale=1)"
     assert repr(CAGrad(2, rescale=0)) == "CAGrad(c=2.0, rescale=0)"
+
+
+def test_256_tasks() -> None:
+    assert_optimal(randn(256, 300, seed=256), 0.5, rtol=1e-9)

@@ -116,3 +116,12 @@ def test_opcheck() -> None:
 
 def test_repr() -> None:
     assert repr(ConFIG()) == "ConFIG()"
+
+
+def test_256_tasks() -> None:
+    J = torch.randn(256, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(256))
+    w = ConFIG().weights(J @ J.T)
+    assert w.shape == (256,) and torch.isfinite(w).all()
+    d = J.T @ w
+    projections = (J / J.norm(dim=1, keepdim=True)) @ d
+    torch.testing.assert_close(projections, projections.mean().expand(256), rtol=1e-8, atol=0)

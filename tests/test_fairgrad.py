@@ -155,3 +155,10 @@ def test_opcheck() -> None:
 
 def test_repr() -> None:
     assert repr(FairGrad(2)) == "FairGrad(alpha=2.0)"
+
+
+def test_256_tasks() -> None:
+    J = torch.randn(256, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(256))
+    w = FairGrad(1.0).weights(J @ J.T)
+    assert w.shape == (256,) and torch.isfinite(w).all()
+    torch.testing.assert_close(J @ (J.T @ w), 1 / w, rtol=1e-9, atol=0)

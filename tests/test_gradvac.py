@@ -249,3 +249,9 @@ def test_opcheck() -> None:
     J = randn(4, 20)
     targets = torch.rand(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.library.opcheck(torch.ops.mtlgrad.gradvac_weights.default, (J @ J.T, targets, 0.5, 3))
+
+
+def test_256_tasks() -> None:
+    J = randn(256, 300, seed=256)
+    w = seeded().weights(J @ J.T)
+    assert w.shape == (256,) and torch.isfinite(w).all()
