@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> gradvac_weights(const at::Tensor& gram, const
       const double phi = std::clamp(cG[size_t(j)] / (norm_i * norm_j), -1.0, 1.0);
       double& phi_target = target[i * T + j];
       if (phi < phi_target) {
-        // The closed form that makes cos(g_i' + a g_j, g_j) equal the target (Section 3.2). A target
+        // The paper's closed form for the a that makes cos(g_i' + a g_j, g_j) equal the target. A target
         // of exactly 1 cannot be reached by a finite a (unless g_i' is already parallel to g_j).
         const double sin_target = std::sqrt(std::max(1 - phi_target * phi_target, 0.0));
         if (sin_target > 0) {

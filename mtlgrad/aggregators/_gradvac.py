@@ -17,7 +17,7 @@ class GradVac(GramAggregator):
     Algorithm 1 of the paper. Each task keeps, for every other task, an EMA target ``φ̂_ij`` of
     the cosine similarity of their gradients (initialised to 0). For each task i, starting from
     ``g_i' = g_i``, for every other task j in random order: with ``φ_ij = cos(g_i', g_j)``, if
-    ``φ_ij < φ̂_ij`` the closed form of Section 3.2 raises the cosine to the target,
+    ``φ_ij < φ̂_ij`` the paper's closed form raises the cosine exactly to the target,
     ``g_i' ← g_i' + ||g_i'|| (φ̂_ij √(1 − φ_ij²) − φ_ij √(1 − φ̂_ij²)) / (||g_j|| √(1 − φ̂_ij²)) g_j``;
     then ``φ̂_ij ← (1 − β) φ̂_ij + β φ_ij`` (with the cosine measured before the adjustment, as in
     the paper's algorithm and the reference implementations). The update is the **sum** of the
