@@ -185,6 +185,22 @@ def test_more_tasks_than_dimensions() -> None:
             assert_optimal(J, c, rtol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_ill_conditioned_inputs(seed: int) -> None:
+    # Norms over 12 orders of magnitude, nearly opposite pairs (to 1e-9), and more tasks than
+    # dimensions with c = 1 (d(0) on the ball's boundary): still optimal to 1e-8 of the scale.
+    gen = torch.Generator().manual_seed(seed)
+    T, P = 6 + 3 * seed, 4 + 2 * seed
+    J = torch.randn(T, P, dtype=torch.float64, generator=gen)
+    scaled = J * torch.logspace(-6, 6, T, dtype=torch.float64).unsqueeze(1)
+    opposite = J.clone()
+    noise = torch.randn(T // 2, P, dtype=torch.float64, generator=gen)
+    opposite[: T // 2] = -0.7 * J[T - T // 2 :] + 1e-9 * noise
+    for M in (scaled, opposite, torch.randn(2 * P, P, dtype=torch.float64, generator=gen)):
+        for c in (0.3, 1.0, 5.0):
+            assert_optimal(M, c, rtol=1e-8)
+
+
 @pytest.mark.parametrize("J", matrices(), ids=matrix_ids())
 def test_matches_torchjd(J: torch.Tensor) -> None:
     # TorchJD's CAGrad solves the same dual with cvxpy (not a dependency here: skipped unless

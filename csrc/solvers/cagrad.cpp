@@ -11,14 +11,21 @@
 // reaches √φ; then λ = √φ w / ||g_w|| for the dual's w, and the weights are 1/T + λ_i.
 //
 // Each QP is solved exactly by the dual active-set method of Goldfarb & Idnani (1983) with the
-// identity Hessian, written on G (the primal step z = g_p − Σ_{j∈A} r_j g_j has ||z||² and all its
-// products from G). Between two changes of the active set A, λ_A(t) = G_AA⁻¹ (t 1 − c_A) is linear in
-// t (c = G 1/T holds the products g_iᵀ g0), so ||d(t) − g0||² is a quadratic in t: its root at φ is
-// the answer once the multipliers and slacks there check out; otherwise we re-solve at that level.
+// identity Hessian, written on the matrix C of cosines: the constraints are u_iᵀ d >= t / ||g_i||
+// with unit normals u_i, so that gradients of very different norms are resolved alike, and the
+// primal step z = u_p − Σ_{j∈A} r_j u_j has ||z||² and all its products from C. Between two changes
+// of the active set A, the multipliers μ_A(t) = C_AA⁻¹ (t v_A − ĉ_A) are linear in t (v_i = 1 / ||g_i||,
+// ĉ_i = u_iᵀ g0), so ||d(t) − g0||² is a quadratic in t: its root at φ is the answer once the
+// multipliers and slacks there check out; otherwise we re-solve at that level.
 //
-// When 0 is in the convex hull of the gradients, no d gives all tasks a positive t, and if
-// d(0) is within √φ of g0 the optimum is t* = 0 with many maximisers; d(0), the one closest to g0
-// (the paper's formula is 0/0 there: g_w = 0), is what we return.
+// When 0 is in the convex hull of the gradients, no d gives all tasks a positive t, and if d(0) is
+// within √φ of g0 the optimum is t* = 0 with many maximisers; d(0), the one closest to g0 (the
+// paper's formula is 0/0 there: g_w = 0), is what we return.
+//
+// Every candidate is checked afresh before it is used (level reached, inside the ball, multipliers
+// >= 0, no catastrophic cancellation in Σ λ_i g_i). With nearly dependent gradients, where the
+// active-set algebra can lose its accuracy, a level search that cannot verify the exact answer
+// returns the best verified lower level (feasible, suboptimal), or at worst d = g0.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -34,84 +41,111 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// min ||d − g0||² / 2 s.t. g_iᵀ d >= t, with d = g0 + Σ λ_i g_i, by Goldfarb–Idnani.
+// min ||d − g0||² / 2 s.t. u_iᵀ d >= t v_i, with d = g0 + Σ μ_i u_i, by Goldfarb–Idnani.
 class LevelProjection {
  public:
-  LevelProjection(const Matrix& G, const Vector& c, double slack_tolerance)
-      : G_(G), c_(c), T_(G.n), slack_tolerance_(slack_tolerance) {}
+  // Slacks below -slack_tolerance are violations; dependent constraints are tolerated down to
+  // -loose_tolerance, the accuracy left to a nearly singular active set.
+  LevelProjection(const Matrix& C, const Vector& c_hat, const Vector& v, double slack_tolerance,
+                  double loose_tolerance)
+      : C_(C),
+        c_hat_(c_hat),
+        v_(v),
+        n_(C.n),
+        slack_tolerance_(slack_tolerance),
+        loose_tolerance_(loose_tolerance) {}
 
   enum class Status { kSolved, kInfeasible, kStalled };
 
   Status solve(double t) {
     active_.clear();
     set_aside_.clear();
+    tolerated_.clear();
     K_.clear();
-    lambda_.assign(size_t(T_), 0.0);
-    G_lambda_.assign(size_t(T_), 0.0);
-    const int max_steps = 20 * int(T_) + 100;  // GI is finite; this only guards against rounding loops
+    mu_.assign(size_t(n_), 0.0);
+    C_mu_.assign(size_t(n_), 0.0);
+    const int max_steps = 20 * int(n_) + 100;  // GI is finite; this only guards against rounding loops
     for (int steps = 0; steps < max_steps;) {
       // The most violated constraint not in A.
       int64_t p = -1;
       double worst = -slack_tolerance_;
-      for (int64_t i = 0; i < T_; ++i) {
-        if (in_active(i) || std::find(set_aside_.begin(), set_aside_.end(), i) != set_aside_.end()) continue;
-        const double slack = c_[size_t(i)] + G_lambda_[size_t(i)] - t;
-        if (slack < worst) worst = slack, p = i;
+      for (int64_t i = 0; i < n_; ++i) {
+        if (contains(active_, i) || contains(set_aside_, i)) continue;
+        const double slack = c_hat_[size_t(i)] + C_mu_[size_t(i)] - t * v_[size_t(i)];
+        if (slack < worst && (slack < -loose_tolerance_ || !contains(tolerated_, i))) worst = slack, p = i;
       }
-      if (p < 0) return Status::kSolved;
+      if (p < 0) {
+        // Solved, unless the products accumulated over the steps have drifted: check them afresh.
+        const Vector fresh = multiply(C_, mu_);
+        bool drifted = false;
+        for (int64_t i = 0; i < n_ && !drifted; ++i) {
+          const double slack = c_hat_[size_t(i)] + fresh[size_t(i)] - t * v_[size_t(i)];
+          drifted = !contains(active_, i) && !contains(set_aside_, i) &&
+                    slack < (contains(tolerated_, i) ? -loose_tolerance_ : -slack_tolerance_);
+        }
+        C_mu_ = fresh;
+        if (!drifted) return Status::kSolved;
+        ++steps;
+        continue;
+      }
       // Step towards satisfying constraint p, dropping the constraints whose multipliers reach 0.
       for (;; ++steps) {
         if (steps >= max_steps) return Status::kStalled;
         const size_t m = active_.size();
-        Vector r(m, 0.0);  // r = G_AA⁻¹ G_Ap: g_p's coefficients on span(g_A)
+        Vector r(m, 0.0);  // r = C_AA⁻¹ C_Ap: u_p's coefficients on span(u_A)
         for (size_t a = 0; a < m; ++a)
-          for (size_t b = 0; b < m; ++b) r[a] += K_[a * m + b] * G_(active_[b], p);
-        double delta = G_(p, p);  // ||z||², z = g_p − Σ r_j g_j
-        for (size_t a = 0; a < m; ++a) delta -= G_(p, active_[a]) * r[a];
-        const double slack = c_[size_t(p)] + G_lambda_[size_t(p)] - t;
-        const bool independent = delta > 1e-11 * G_(p, p);
-        const double full_step = independent ? -slack / delta : kInf;
+          for (size_t b = 0; b < m; ++b) r[a] += K_[a * m + b] * C_(active_[b], p);
+        double delta = 1;  // ||z||², z = u_p − Σ r_j u_j
+        for (size_t a = 0; a < m; ++a) delta -= C_(p, active_[a]) * r[a];
+        const double slack = c_hat_[size_t(p)] + C_mu_[size_t(p)] - t * v_[size_t(p)];
+        // u_p is (numerically) in span(u_A) when ||z||² is within its rounding error, which grows with
+        // the condition of C_AA (bounded through trace(K) and m = ||C_AA||'s bound) and with the
+        // cancellation in 1 − C_pA r; and in any case below 1e-11 (z below ~3e-6 of a unit vector).
+        double trace = 0, spread = 1;
+        for (size_t a = 0; a < m; ++a) trace += K_[a * m + a], spread += std::abs(r[a]);
+        const double noise = 1e-14 * double(m) * trace * spread;
+        const double full_step = delta > std::max(1e-11, noise) ? -slack / delta : kInf;
         double partial_step = kInf;
         size_t drop = m;
         for (size_t a = 0; a < m; ++a) {
           if (r[a] > 0) {
-            const double limit = lambda_[size_t(active_[a])] / r[a];
+            const double limit = mu_[size_t(active_[a])] / r[a];
             if (limit < partial_step) partial_step = limit, drop = a;
           }
         }
         if (full_step == kInf && partial_step == kInf) {
-          // g_p is a combination of the active gradients with coefficients <= 0, so on the
-          // active set g_pᵀ d = t Σ r_j: for t > 0 below t, so no d is feasible; for t <= 0 at
-          // least t, and the violation is rounding: set p aside until the active set changes.
-          if (t > 0) return Status::kInfeasible;
+          // u_p is (numerically) a combination of the active normals with coefficients <= 0, so no
+          // step along the active set raises u_pᵀ d. For t <= 0 the constraint holds in exact
+          // arithmetic (u_pᵀ d = t Σ r_j v_j on the active set, and the v_j are positive): the
+          // violation is rounding, and p is set aside until the active set changes, then tolerated
+          // up to the loose tolerance. For t > 0, unless the violation is that small, no d reaches t.
+          if (t > 0 && slack < -loose_tolerance_) return Status::kInfeasible;
           set_aside_.push_back(p);
+          if (!contains(tolerated_, p)) tolerated_.push_back(p);
           break;
         }
         const double step = std::min(full_step, partial_step);
-        for (size_t a = 0; a < m; ++a) lambda_[size_t(active_[a])] -= step * r[a];
-        lambda_[size_t(p)] += step;
-        for (int64_t i = 0; i < T_; ++i) {
-          double zi = G_(i, p);  // g_iᵀ z
-          for (size_t a = 0; a < m; ++a) zi -= G_(i, active_[a]) * r[a];
-          G_lambda_[size_t(i)] += step * zi;
+        for (size_t a = 0; a < m; ++a) mu_[size_t(active_[a])] -= step * r[a];
+        mu_[size_t(p)] += step;
+        for (int64_t i = 0; i < n_; ++i) {
+          double zi = C_(i, p);  // u_iᵀ z
+          for (size_t a = 0; a < m; ++a) zi -= C_(i, active_[a]) * r[a];
+          C_mu_[size_t(i)] += step * zi;
         }
         if (full_step <= partial_step) {
           add(p, r, delta);
           ++steps;
           break;
         }
-        lambda_[size_t(active_[drop])] = 0;
+        mu_[size_t(active_[drop])] = 0;
         remove(drop);
       }
     }
     return Status::kStalled;
   }
 
-  // ||d(t) − g0||² = λᵀ G λ.
-  double squared_distance() const { return dot(lambda_, G_lambda_); }
-
   // On the current active set, the level τ > t where ||d(τ) − g0|| = radius (the larger root of
-  // (τ 1 − c_A)ᵀ K (τ 1 − c_A) = radius²), or NaN without an active constraint.
+  // (τ v_A − ĉ_A)ᵀ K (τ v_A − ĉ_A) = radius²), or NaN without an active constraint.
   double level_at(double radius) const {
     const size_t m = active_.size();
     if (m == 0) return std::numeric_limits<double>::quiet_NaN();
@@ -119,41 +153,46 @@ class LevelProjection {
     for (size_t i = 0; i < m; ++i) {
       for (size_t j = 0; j < m; ++j) {
         const double k = K_[i * m + j];
-        const double ci = c_[size_t(active_[i])], cj = c_[size_t(active_[j])];
-        a += k, b += k * cj, e += ci * k * cj;
+        const double vi = v_[size_t(active_[i])], vj = v_[size_t(active_[j])];
+        const double ci = c_hat_[size_t(active_[i])], cj = c_hat_[size_t(active_[j])];
+        a += vi * k * vj, b += vi * k * cj, e += ci * k * cj;
       }
     }
     const double discriminant = std::max(b * b - a * (e - radius * radius), 0.0);
     return (b + std::sqrt(discriminant)) / a;
   }
 
-  // Moves along the current active set to level τ; returns whether that is the QP's solution
-  // there (multipliers >= 0, every constraint satisfied).
+  // Moves along the current active set to level τ; returns whether that is the QP's solution there
+  // (multipliers >= 0, every constraint satisfied).
   bool move_to(double tau) {
     const size_t m = active_.size();
-    lambda_.assign(size_t(T_), 0.0);
+    mu_.assign(size_t(n_), 0.0);
     double largest = 0;
     for (size_t i = 0; i < m; ++i) {
-      double v = 0;
-      for (size_t j = 0; j < m; ++j) v += K_[i * m + j] * (tau - c_[size_t(active_[j])]);
-      lambda_[size_t(active_[i])] = v;
-      largest = std::max(largest, std::abs(v));
+      double value = 0;
+      for (size_t j = 0; j < m; ++j)
+        value += K_[i * m + j] * (tau * v_[size_t(active_[j])] - c_hat_[size_t(active_[j])]);
+      mu_[size_t(active_[i])] = value;
+      largest = std::max(largest, std::abs(value));
     }
-    G_lambda_ = multiply(G_, lambda_);
-    bool valid = true;
+    C_mu_ = multiply(C_, mu_);
     for (size_t i = 0; i < m; ++i)
-      if (lambda_[size_t(active_[i])] < -1e-12 * largest) valid = false;
-    for (int64_t i = 0; i < T_; ++i)
-      if (!in_active(i) && c_[size_t(i)] + G_lambda_[size_t(i)] - tau < -slack_tolerance_) valid = false;
-    return valid;
+      if (mu_[size_t(active_[i])] < -1e-12 * largest) return false;
+    for (int64_t i = 0; i < n_; ++i)
+      if (!contains(active_, i) &&
+          c_hat_[size_t(i)] + C_mu_[size_t(i)] - tau * v_[size_t(i)] < -slack_tolerance_)
+        return false;
+    return true;
   }
 
-  const Vector& multipliers() const { return lambda_; }
+  const Vector& multipliers() const { return mu_; }
 
  private:
-  bool in_active(int64_t i) const { return std::find(active_.begin(), active_.end(), i) != active_.end(); }
+  static bool contains(const std::vector<int64_t>& set, int64_t i) {
+    return std::find(set.begin(), set.end(), i) != set.end();
+  }
 
-  // K ← G_{A∪p, A∪p}⁻¹ by bordering: the Schur complement of the new row is delta.
+  // K ← C_{A∪p, A∪p}⁻¹ by bordering: the Schur complement of the new row is delta.
   void add(int64_t p, const Vector& r, double delta) {
     const size_t m = active_.size(), n = m + 1;
     std::vector<double> K(n * n);
@@ -167,7 +206,7 @@ class LevelProjection {
     set_aside_.clear();
   }
 
-  // K ← G_{A∖q, A∖q}⁻¹ from the inverse of the larger matrix.
+  // K ← C_{A∖q, A∖q}⁻¹ from the inverse of the larger matrix.
   void remove(size_t q) {
     const size_t m = active_.size(), n = m - 1;
     std::vector<double> K(n * n);
@@ -186,15 +225,18 @@ class LevelProjection {
     set_aside_.clear();
   }
 
-  const Matrix& G_;
-  const Vector& c_;
-  const int64_t T_;
+  const Matrix& C_;
+  const Vector& c_hat_;
+  const Vector& v_;
+  const int64_t n_;
   const double slack_tolerance_;
+  const double loose_tolerance_;
   std::vector<int64_t> active_;
-  std::vector<int64_t> set_aside_;  // dependent constraints violated by rounding only (t <= 0)
-  std::vector<double> K_;           // G_AA⁻¹, row-major |A| x |A|
-  Vector lambda_;
-  Vector G_lambda_;
+  std::vector<int64_t> set_aside_;  // dependent constraints skipped until the active set changes
+  std::vector<int64_t> tolerated_;  // dependent constraints, violated by rounding only
+  std::vector<double> K_;           // C_AA⁻¹, row-major |A| x |A|
+  Vector mu_;                       // multipliers of the unit normals
+  Vector C_mu_;
 };
 
 at::Tensor cagrad_weights(const at::Tensor& gram, double c, int64_t rescale) {
@@ -208,75 +250,122 @@ at::Tensor cagrad_weights(const at::Tensor& gram, double c, int64_t rescale) {
   const double factor = rescale == 0 ? 1.0 : rescale == 1 ? 1 / (1 + c * c) : 1 / (1 + c);
   Vector weights(size_t(T), 1.0 / double(T));
   const Vector products = multiply(G, weights);  // g_iᵀ g0
-  double largest_entry = 0, largest_diagonal = 0;
-  for (int64_t i = 0; i < T; ++i) {
-    largest_diagonal = std::max(largest_diagonal, G(i, i));
-    for (int64_t j = 0; j < T; ++j) largest_entry = std::max(largest_entry, std::abs(G(i, j)));
-  }
+  double largest_entry = 0;
+  for (double v : G.data) largest_entry = std::max(largest_entry, std::abs(v));
   const double squared_norm_g0 = dot(weights, products);
-  // g0 = 0 (below the rounding of its T² products) or c = 0: the ball is a point, d = g0.
-  if (!(squared_norm_g0 > 16 * std::numeric_limits<double>::epsilon() * largest_entry) || c == 0) {
-    for (double& v : weights) v *= factor;
+  const auto finish = [&](const Vector& lambda) {
+    for (int64_t i = 0; i < T; ++i) weights[size_t(i)] = factor * (weights[size_t(i)] + lambda[size_t(i)]);
     return to_tensor(weights);
-  }
+  };
+  // g0 = 0 (below the rounding of its T² products) or c = 0: the ball is a point, d = g0.
+  if (!(squared_norm_g0 > 16 * std::numeric_limits<double>::epsilon() * largest_entry) || c == 0)
+    return finish(Vector(size_t(T), 0.0));
   const double radius = c * std::sqrt(squared_norm_g0);
-  // Slacks g_iᵀ d − t are of the order of ||g_i|| (||g0|| + √φ); below 1e-13 of that they are 0.
-  const double slack_tolerance = 1e-13 * std::sqrt(largest_diagonal) * (std::sqrt(squared_norm_g0) + radius);
-  LevelProjection projection(G, products, slack_tolerance);
+
+  // The constraints of the non-zero gradients, on unit normals. A zero gradient's constraint,
+  // 0 >= t, holds exactly for t <= 0 and never above: it only caps the level at 0.
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < T; ++i)
+    if (G(i, i) > 0) rows.push_back(i);
+  const auto n = int64_t(rows.size());
+  Vector norms(static_cast<size_t>(n)), v(static_cast<size_t>(n)), c_hat(static_cast<size_t>(n));
+  for (int64_t a = 0; a < n; ++a) {
+    norms[size_t(a)] = std::sqrt(G(rows[size_t(a)], rows[size_t(a)]));
+    v[size_t(a)] = 1 / norms[size_t(a)];
+    c_hat[size_t(a)] = products[size_t(rows[size_t(a)])] * v[size_t(a)];
+  }
+  Matrix C(n);
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b)
+      C(a, b) = G(rows[size_t(a)], rows[size_t(b)]) * v[size_t(a)] * v[size_t(b)];
+  // Slacks u_iᵀ d − t v_i are of the order of ||d|| <= ||g0|| + √φ; below 1e-13 of that they are 0,
+  // and for dependent constraints below 1e-10 (the final check below allows 1e-9).
+  const double product_scale = std::sqrt(squared_norm_g0) + radius;
+  LevelProjection projection(C, c_hat, v, 1e-13 * product_scale, 1e-10 * product_scale);
+
+  // Multipliers of the gradients from those of the unit normals, if they describe an update that
+  // reaches level t (up to 1e-9 of the scale of the products), lies inside the ball (up to rounding)
+  // and has multipliers >= 0 without a cancellation between the weighted gradients that would leave
+  // d − g0 = Σ λ_i g_i to rounding (Σ |λ_i| |G_ij| |λ_j| beyond 1e12 times its scale): a last check
+  // against rounding trouble with nearly dependent gradients.
+  Vector lambda(size_t(T), 0.0);
+  const double scale = radius * radius + squared_norm_g0;
+  const auto accept = [&](const Vector& mu, double t, double tolerance) {
+    Vector candidate(size_t(T), 0.0);
+    double cancelled = 0;  // Σ |λ_i| |G_ij| |λ_j| <= (Σ |λ_i| ||g_i||)²
+    for (int64_t a = 0; a < n; ++a) {
+      if (!(mu[size_t(a)] >= 0) || !std::isfinite(mu[size_t(a)])) return false;
+      candidate[size_t(rows[size_t(a)])] = mu[size_t(a)] * v[size_t(a)];
+      cancelled += mu[size_t(a)];  // |λ_i| ||g_i||
+    }
+    if (!(cancelled * cancelled <= 1e12 * scale)) return false;
+    const Vector C_mu = multiply(C, mu);
+    for (int64_t a = 0; a < n; ++a)
+      if (c_hat[size_t(a)] + C_mu[size_t(a)] - t * v[size_t(a)] < -1e-9 * std::sqrt(scale)) return false;
+    if (!(dot(candidate, multiply(G, candidate)) <= radius * radius * (1 + tolerance))) return false;
+    lambda.swap(candidate);
+    return true;
+  };
 
   // Bracket the level: d(t_low) is within the radius of g0 (at the smallest g_iᵀ g0, d = g0 itself),
   // d(t_high) beyond it or infeasible. Each iteration proposes the level where the current active
   // set's distance reaches the radius; a proposal outside the bracket is replaced by bisection (or,
   // with no upper end yet, by a growing step).
-  const int64_t first = std::min_element(products.begin(), products.end()) - products.begin();
-  double t_low = products[size_t(first)];
-  double t_high = kInf;
-  double expansion = radius * std::sqrt(largest_diagonal);
-  Vector best(size_t(T), 0.0);  // multipliers at t_low (none: d = g0)
-  Vector lambda;
-  bool found = false;
-  double t = t_low + radius * std::sqrt(G(first, first));  // exact if only `first` becomes active
-  for (int iteration = 0; iteration < 100 && !found; ++iteration) {
+  double t_low = *std::min_element(products.begin(), products.end());
+  double t_high = n < T ? 0.0 : kInf;                // a zero gradient caps the level at 0
+  double expansion = radius * std::sqrt(double(T));  // ||g_i|| <= √T on the trace-normalised G
+  Vector best(size_t(n), 0.0);                       // multipliers at t_low (none: d = g0)
+  double t = kInf;
+  if (n > 0) {  // exact if only the task with the smallest g_iᵀ g0 becomes active
+    int64_t first = 0;
+    for (int64_t a = 1; a < n; ++a)
+      if (c_hat[size_t(a)] * norms[size_t(a)] < c_hat[size_t(first)] * norms[size_t(first)]) first = a;
+    t = (c_hat[size_t(first)] + radius) * norms[size_t(first)];
+  }
+  bool found = false, zero_tried = false;
+  for (int iteration = 0; iteration < 100 && !found && n > 0; ++iteration) {
+    if (t_high <= 0 && !zero_tried) {
+      // The level cannot exceed 0 (0 is in the convex hull of the gradients). If d(0) is within
+      // the radius (up to rounding), t* = 0 and d(0) is the answer.
+      zero_tried = true;
+      if (t_low >= 0) {
+        found = accept(best, t_low, 1e-9);  // t_low = 0 = t*
+        continue;
+      }
+      if (projection.solve(0) == LevelProjection::Status::kSolved &&
+          accept(projection.multipliers(), 0, 1e-12)) {
+        found = true;
+        continue;
+      }
+      t_high = 0;
+    }
     if (!(t > t_low && t < t_high)) {
       t = std::isfinite(t_high) ? 0.5 * (t_low + t_high) : t_low + expansion;
       expansion *= 2;
     }
     const auto status = projection.solve(t);
     if (status == LevelProjection::Status::kInfeasible) {
-      // No d gives every task more than 0 (t > 0 here): 0 is in the convex hull of the gradients,
-      // and t* <= 0. If d(0) is within the radius, t* = 0 and d(0) is the answer.
-      t_high = std::min(t_high, 0.0);
-      if (t_low >= 0) {  // t_low = 0: already the answer
-        lambda = best;
-        found = true;
-      } else if (projection.solve(0) == LevelProjection::Status::kSolved &&
-                 projection.squared_distance() <= radius * radius) {
-        lambda = projection.multipliers();
-        found = true;
-      }
-      t = 0.5 * (t_low + t_high);
+      t_high = std::min(t_high, 0.0);  // no d gives every task t > 0: 0 is in the convex hull
       continue;
     }
     if (status == LevelProjection::Status::kStalled) {  // rounding trouble: shrink the bracket
       t_high = t;
       continue;
     }
-    if (projection.squared_distance() <= radius * radius) {
+    if (accept(projection.multipliers(), t, 1e-12)) {
       t_low = t;
       best = projection.multipliers();
+      found = std::abs(dot(lambda, multiply(G, lambda)) - radius * radius) <= 1e-12 * radius * radius;
     } else {
       t_high = t;
     }
     const double level = projection.level_at(radius);
-    if (std::isfinite(level) && projection.move_to(level)) {
-      lambda = projection.multipliers();
-      found = true;
-    }
+    if (!found && level > t_low && level < t_high && projection.move_to(level))
+      found = accept(projection.multipliers(), level, 1e-9);
     t = level;
   }
-  if (!found) lambda = best;  // the best feasible level found; within the radius of g0
-  for (int64_t i = 0; i < T; ++i) weights[size_t(i)] = factor * (weights[size_t(i)] + lambda[size_t(i)]);
-  return to_tensor(weights);
+  if (!found && !(n > 0 && accept(best, t_low, 1e-9))) lambda.assign(size_t(T), 0.0);  // d = g0 at worst
+  return finish(lambda);
 }
 
 }  // namespace

@@ -24,7 +24,9 @@ class CAGrad(GramAggregator):
     its multipliers are linear in t between changes of the active set, and the level where the
     distance to ``g0`` reaches ``√φ`` is found by solving that quadratic per active set; the
     result satisfies the optimality conditions to rounding level (zero duality gap), where the
-    official code stops SLSQP at its default tolerance.
+    official code stops SLSQP at its default tolerance. Every candidate is verified afresh; for
+    nearly dependent gradients, where that verification can fail, the best verified lower level is
+    returned (a feasible update, not quite optimal), or at worst the mean gradient.
 
     Conventions:
 
