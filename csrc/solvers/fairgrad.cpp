@@ -64,23 +64,25 @@ at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
     for (double& v : w) v *= kappa;
   }
 
-  double value = phi.value(w);
-  const auto n = static_cast<size_t>(T);
-  Vector residual(n), step(n), scaled_rhs(n), trial(n);
-  Matrix H(T);
-  for (int iteration = 0; iteration < kMaxIterations; ++iteration) {
-    // Residual r = A w − w^{-1/α} (Φ's gradient); converged when every entry is at the rounding
-    // level of the terms it is made of.
-    const Vector Aw = multiply(A, w);
-    bool converged = true;
+  // Residual r = A w − w^{-1/α} (Φ's gradient) and its size relative to the terms it is made of,
+  // max_i |r_i| / ((|A| w)_i + w_i^{-1/α}): converged at the rounding level.
+  const auto residual_of = [&](const Vector& x, Vector& r) {
+    const Vector Ax = multiply(A, x);
+    double relative = 0;
     for (int64_t i = 0; i < T; ++i) {
-      const double target = phi.power(w[size_t(i)]);
-      residual[size_t(i)] = Aw[size_t(i)] - target;
+      const double target = phi.power(x[size_t(i)]);
+      r[size_t(i)] = Ax[size_t(i)] - target;
       double magnitude = target;
-      for (int64_t j = 0; j < T; ++j) magnitude += std::abs(A(i, j)) * w[size_t(j)];
-      if (std::abs(residual[size_t(i)]) > 1e-13 * magnitude) converged = false;
+      for (int64_t j = 0; j < T; ++j) magnitude += std::abs(A(i, j)) * x[size_t(j)];
+      relative = std::max(relative, std::abs(r[size_t(i)]) / magnitude);
     }
-    if (converged) break;
+    return relative;
+  };
+  const auto n = static_cast<size_t>(T);
+  Vector residual(n), trial_residual(n), step(n), scaled_rhs(n), trial(n);
+  double value = phi.value(w), relative = residual_of(w, residual);
+  Matrix H(T);
+  for (int iteration = 0; iteration < kMaxIterations && relative > 1e-13; ++iteration) {
     // Newton step Δ = −H⁻¹ r with H = A + diag(w^{-1/α−1} / α), solved in relative units
     // Δ = W y (W = diag(w)) so that weights of very different sizes are resolved alike.
     for (int64_t i = 0; i < T; ++i) {
@@ -98,20 +100,21 @@ at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
       step[size_t(i)] = w[size_t(i)] * y[size_t(i)];
       slope += residual[size_t(i)] * step[size_t(i)];
     }
-    // Backtracking (Armijo); a slack of a few ulps of Φ lets the last, tiny steps through.
-    double tau = largest_step, trial_value = value;
+    // Backtracking: a sufficient decrease of Φ (Armijo) or, once Φ's changes fall below its
+    // rounding, of the relative residual.
+    double tau = largest_step, trial_value = value, trial_relative = relative;
     bool accepted = false;
-    for (int halving = 0; halving < 60; ++halving, tau *= 0.5) {
+    for (int halving = 0; halving < 60 && !accepted; ++halving, tau *= 0.5) {
       for (int64_t i = 0; i < T; ++i) trial[size_t(i)] = w[size_t(i)] + tau * step[size_t(i)];
       trial_value = phi.value(trial);
-      if (trial_value <= value + 1e-4 * tau * slope + 1e-15 * std::abs(value)) {
-        accepted = true;
-        break;
-      }
+      trial_relative = residual_of(trial, trial_residual);
+      accepted = trial_value <= value + 1e-4 * tau * slope || trial_relative <= (1 - 1e-4 * tau) * relative;
     }
     if (!accepted) break;  // no decrease left at this precision
     w.swap(trial);
+    residual.swap(trial_residual);
     value = trial_value;
+    relative = trial_relative;
   }
   // Back to the scale of G: if G = σ Ĝ and Ĝ ŵ = ŵ^{-1/α}, then w = σ^{-α/(1+α)} ŵ solves G w = w^{-1/α}.
   const double factor = std::pow(sigma, -alpha / (1 + alpha));
