@@ -12,10 +12,11 @@ class FairGrad(GramAggregator):
     """FairGrad, α-fair resource allocation between tasks (Ban & Ji, ICML 2024, `Fair Resource
     Allocation in Multi-Task Learning <https://arxiv.org/abs/2402.15638>`_).
 
-    The update step of Algorithm 1: the update ``d = Σ_i w_i g_i`` maximises the α-fair utility of
-    the tasks' first-order loss decreases ``g_iᵀ d``, and its weights are the positive solution of
-    ``G w = w^{-1/α}`` (elementwise power), as in the official code. ``α = 1`` is proportional
-    fairness, larger α moves towards max-min fairness. The solution makes every task's decrease
+    The update step of Algorithm 1: the paper allocates the update between the tasks by the
+    α-fair utility ``Σ_i (g_iᵀ d)^{1−α} / (1 − α)`` of their first-order loss decreases; its
+    optimality condition gives ``d = Σ_i w_i g_i`` with the weights the positive solution of
+    ``G w = w^{-1/α}`` (elementwise power), solved as in the official code. ``α = 1`` is
+    proportional fairness, larger α moves towards max-min fairness. Every task's decrease is then
     positive, ``g_iᵀ d = w_i^{-1/α} > 0``: the update is non-conflicting.
 
     The system is solved natively to rounding level (the official code stops
