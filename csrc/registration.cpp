@@ -34,4 +34,10 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Auxiliary-task methods: `main` is the index of the main task.
   m.def("cosine_gating_weights(Tensor gram, int main, bool weighted) -> Tensor");
   m.def("hydalearn_weights(Tensor gram, int main) -> Tensor");
+  // Returns the weights and the updated T x T EMA targets (the input targets are not modified).
+  m.def("gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor, Tensor)");
+  m.def("config_weights(Tensor gram) -> Tensor");
+  m.def("aligned_mtl_weights(Tensor gram, str scale_mode) -> Tensor");
+  m.def("fairgrad_weights(Tensor gram, float alpha) -> Tensor");
+  m.def("cagrad_weights(Tensor gram, float c, int rescale) -> Tensor");
 }

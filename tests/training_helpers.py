@@ -40,12 +40,15 @@ def batch(seed: int, tasks: int = 3, n: int = 32) -> tuple[torch.Tensor, torch.T
 
 
 def make_aggregator(cls: type, seed: int = 0) -> GramAggregator:
-    """An instance with defaults, main task 0 for auxiliary methods, a seeded generator for
-    randomised ones."""
+    """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad, a
+    seeded generator for randomised ones."""
     params = inspect.signature(cls).parameters
-    kwargs = {}
-    if "main" in params and params["main"].default is inspect.Parameter.empty:
-        kwargs["main"] = 0
+    required = {"main": 0, "alpha": 1.0}  # the arguments some methods have no default for
+    kwargs = {
+        name: value
+        for name, value in required.items()
+        if name in params and params[name].default is inspect.Parameter.empty
+    }
     if "generator" in params:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return cls(**kwargs)

@@ -5,11 +5,16 @@ lists with :meth:`~mtlgrad.aggregators.Aggregator.aggregate`. Gram-based aggrega
 ``agg.weights(G)``.
 """
 
+from mtlgrad.aggregators._aligned_mtl import AlignedMTL
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
+from mtlgrad.aggregators._cagrad import CAGrad
+from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._cosine_gating import CosineGating
 from mtlgrad.aggregators._dualproj import DualProj
+from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._graddrop import GradDrop
 from mtlgrad.aggregators._gradient_matching import GradientMatching
+from mtlgrad.aggregators._gradvac import GradVac
 from mtlgrad.aggregators._hydalearn import HydaLearn
 from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
@@ -23,10 +28,15 @@ from mtlgrad.aggregators._upgrad import UPGrad
 __all__ = [
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
     "CosineGating",
     "DualProj",
+    "FairGrad",
     "GradDrop",
     "GradientMatching",
+    "GradVac",
     "GramAggregator",
     "HydaLearn",
     "IMTLG",

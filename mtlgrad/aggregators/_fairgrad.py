@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from mtlgrad import _solvers
+from mtlgrad.aggregators._base import GramAggregator, check_positive
+
+
+class FairGrad(GramAggregator):
+    """FairGrad, α-fair resource allocation between tasks (Ban & Ji, ICML 2024, `Fair Resource
+    Allocation in Multi-Task Learning <https://arxiv.org/abs/2402.15638>`_).
+
+    The update step of Algorithm 1: the paper allocates the update between the tasks by the
+    α-fair utility ``Σ_i (g_iᵀ d)^{1−α} / (1 − α)`` of their first-order loss decreases; its
+    optimality condition gives ``d = Σ_i w_i g_i`` with the weights the positive solution of
+    ``G w = w^{-1/α}`` (elementwise power), solved as in the official code. ``α = 1`` is
+    proportional fairness, larger α moves towards max-min fairness. Every task's decrease is then
+    positive, ``g_iᵀ d = w_i^{-1/α} > 0``: the update is non-conflicting.
+
+    The system is solved natively to rounding level (the official code stops
+    ``scipy.optimize.least_squares`` at its default tolerances): it is the stationarity condition
+    of the strictly convex ``Φ(w) = ½ wᵀ G w − Σ_i h(w_i)`` with ``h'(w) = w^{-1/α}``, minimised
+    by Newton's method with a positivity-preserving backtracking line search on the
+    trace-normalised G; the weights are then rescaled to G's scale.
+
+    Scaling (stated by the equation itself): ``J → cJ`` gives ``w → c^{-2α/(1+α)} w`` and
+    ``d → c^{(1−α)/(1+α)} d``; the update is scale-invariant for α = 1, not linear under scaling.
+
+    Degenerate inputs: when some positive combination of the gradients vanishes (a zero gradient,
+    two opposite gradients, gradients surrounding the origin in a low-dimensional subspace) the
+    system has no positive solution. The solver adds 1e-12 (relative to the mean squared gradient
+    norm) to G's diagonal, which is FairGrad on gradients given tiny private, mutually orthogonal
+    components: the weights stay finite (those along the vanishing combination become large,
+    ≈ 1e-12^{-α/(1+α)} relative, and their gradients cancel) and well-posed solutions move by
+    ~1e-12 relative. For G = 0 the weights are ones (d = 0). With T = 1 the update is
+    ``||g||^{-2α/(1+α)} g``.
+
+    Args:
+        alpha: the fairness parameter α > 0.
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = check_positive("alpha", alpha)
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def _weights(self, G: Tensor) -> Tensor:
+        return _solvers.fairgrad_weights(G, self.alpha)
