@@ -54,25 +54,39 @@ def task_gradients(
     engine: str,
     retain_graph: bool,
     batch_size: int | None = None,
-) -> list[list[Tensor | None]]:
-    """``result[t][k]``: the gradient of ``losses[t]`` with respect to ``inputs[k]`` (``None``
-    where the loss does not depend on that input)."""
+    task_inputs: Sequence[Sequence[Tensor]] | None = None,
+) -> tuple[list[list[Tensor | None]], list[list[Tensor | None]]]:
+    """Per-task gradients: ``(grads, task_grads)``.
+
+    ``grads[t][k]`` is the gradient of ``losses[t]`` with respect to ``inputs[k]`` (``None`` where
+    the loss does not depend on that input). ``task_inputs[t]`` are inputs of task t alone (its
+    heads): the loop engine differentiates them in the same backward, at no extra cost, into
+    ``task_grads[t]``; the batched engine leaves them to the caller (``task_grads`` is empty).
+    """
     if engine == "loop":
-        return _loop(losses, inputs, retain_graph)
+        return _loop(losses, inputs, retain_graph, task_inputs)
     if engine == "batched":
-        return _batched(losses, inputs, retain_graph, batch_size)
+        return _batched(losses, inputs, retain_graph, batch_size), []
     raise ValueError(f"engine must be 'loop' or 'batched', got {engine!r}")
 
 
 def _loop(
-    losses: Sequence[Tensor], inputs: Sequence[Tensor], retain_graph: bool
-) -> list[list[Tensor | None]]:
-    result = []
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    retain_graph: bool,
+    task_inputs: Sequence[Sequence[Tensor]] | None,
+) -> tuple[list[list[Tensor | None]], list[list[Tensor | None]]]:
+    K = len(inputs)
+    grads, task_grads = [], []
     for t, loss in enumerate(losses):
+        extra = list(task_inputs[t]) if task_inputs is not None else []
         keep = retain_graph or t < len(losses) - 1
-        grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-        result.append(list(grads))
-    return result
+        result = torch.autograd.grad(
+            loss, list(inputs) + extra, retain_graph=keep, allow_unused=True
+        )
+        grads.append(list(result[:K]))
+        task_grads.append(list(result[K:]))
+    return grads, task_grads
 
 
 def _batched(

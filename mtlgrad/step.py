@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,13 +32,14 @@ class StepRecord:
         gram: float64 T x T Gram matrix of the (unscaled) task gradients, where computed.
         skipped: with a GradScaler, True when a task gradient overflowed (the shared ``.grad``
             holds NaN so that ``scaler.step`` skips the update, as in single-task AMP).
+        losses: the (unscaled) task losses, float64, detached.
     """
 
     names: list[str]
     weights: Tensor | None
     gram: Tensor | None
     skipped: bool = False
-    losses: list[float] = field(default_factory=list)
+    losses: Tensor | None = None
 
     @property
     def norms(self) -> Tensor | None:
@@ -210,30 +211,25 @@ def backward(
     level = feature_list if feature_list is not None else shared
     K = len(level)
     all_heads: list[Tensor] = []
-    head_index: dict[int, int] = {}
+    seen_heads: set[int] = set()
     for hs in heads:
         for h in hs:
-            if id(h) not in head_index:
-                head_index[id(h)] = len(all_heads)
+            if id(h) not in seen_heads:
+                seen_heads.add(id(h))
                 all_heads.append(h)
 
     # Per-task gradients of the shared level (and, for the loop engine, of the heads: free).
     keep_graph = (
         retain_graph or feature_list is not None or (engine == "batched" and bool(all_heads))
     )
-    if engine == "loop":
-        per_task = []
-        head_grads: list[list[Tensor | None]] = []
-        for t, v in enumerate(values_for_grad):
-            keep = keep_graph or t < T - 1
-            grads = torch.autograd.grad(v, level + heads[t], retain_graph=keep, allow_unused=True)
-            per_task.append(list(grads[:K]))
-            head_grads.append(list(grads[K:]))
-    else:
-        per_task = task_gradients(
-            values_for_grad, level, engine="batched", retain_graph=keep_graph, batch_size=batch_size
-        )
-        head_grads = []
+    per_task, head_grads = task_gradients(
+        values_for_grad,
+        level,
+        engine=engine,
+        retain_graph=keep_graph,
+        batch_size=batch_size,
+        task_inputs=heads,
+    )
 
     # Inputs no task reaches keep .grad None; an input some tasks miss counts as zero for them.
     used = [k for k in range(K) if any(per_task[t][k] is not None for t in range(T))]
@@ -257,7 +253,7 @@ def backward(
         else [f"shared_params[{k}] (shape {list(shared[k].shape)})" for k in used]
     )
 
-    record = StepRecord(names, None, None, losses=loss_values.tolist())
+    record = StepRecord(names, None, None, losses=loss_values)
     if not used:
         weights = torch.ones(T, dtype=torch.float64)
         combined: list[Tensor] = []
@@ -284,15 +280,17 @@ def backward(
             retain_graph=retain_graph,
         )
 
-    # Heads: their own task's gradient, unweighted unless asked.
-    w = None if weights is None else weights.tolist()
+    # Heads: their own task's gradient, unweighted unless asked (the weights are read on the host
+    # only then).
+    scaled = scale_task_params and weights is not None
+    w = weights.tolist() if scaled else [1.0] * T
     if engine == "loop":
         for t in range(T):
             for h, g in zip(heads[t], head_grads[t]):
                 if g is not None:
-                    _accumulate(h, g * w[t] if scale_task_params and w is not None else g)
+                    _accumulate(h, g * w[t] if scaled else g)
     elif all_heads:
-        coefficients = [(w[t] if scale_task_params and w is not None else 1.0) for t in range(T)]
+        coefficients = w
         total = sum(c * v for c, v in zip(coefficients, values_for_grad))
         grads = torch.autograd.grad(total, all_heads, retain_graph=retain_graph, allow_unused=True)
         for h, g in zip(all_heads, grads):
