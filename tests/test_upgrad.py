@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from aggregator_checks import (
@@ -13,8 +11,8 @@ from aggregator_checks import (
     matrices,
     matrix_families,
     matrix_ids,
-    scale_of,
 )
+from dual_cone import assert_non_conflicting, nonneg_qp, project_onto_dual_cone
 
 from mtlgrad import ops
 from mtlgrad.aggregators import UPGrad
@@ -22,22 +20,6 @@ from mtlgrad.aggregators import UPGrad
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def assert_non_conflicting(agg: UPGrad, J: torch.Tensor, rtol: float = 1e-6) -> None:
-    """J d >= 0, to rounding. The shared check's tolerance is relative to |d|; when the exact
-    answer is d = 0 (e.g. gradients that positively span their plane) the computed d is rounding
-    noise, so the tolerance here adds the floor of rounding and of the solver's KKT tolerance,
-    relative to |J|² |w|₁. With reg_eps > 0 the projection is TorchJD's regularised one, whose
-    KKT conditions (G / trace(G) + reg_eps I) w >= 0 give J d >= -reg_eps trace(G) w."""
-    G = ops.gram(list(J.unbind(0)), J.shape[0])
-    w = agg.weights(G)
-    d = agg(J)
-    scale = scale_of(J)
-    floor = rtol * scale * float(d.norm()) + 1e-11 * scale**2 * float(w.abs().sum())
-    bound = -agg.reg_eps * float(G.trace()) * w - floor
-    products = J @ d
-    assert (products >= bound).all(), f"{agg}: J d = {products.tolist()}, bound {bound.tolist()}"
 
 
 @pytest.mark.parametrize("J", matrices(), ids=matrix_ids())
@@ -64,46 +46,9 @@ def test_properties_with_many_tasks(name: str) -> None:
 # ---- references -------------------------------------------------------------------------------
 
 
-def project_onto_dual_cone(J: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """π_J(x) = argmin_{y : J y >= 0} ||y − x||² (Quinton & Rey 2024, Eq. 3), in the primal, by
-    enumerating active sets S: y = x + J_Sᵀ μ_S with J_S y = 0, μ_S >= 0 and J y >= 0."""
-    T = J.shape[0]
-    tol = 1e-9 * float(J.norm()) * float(x.norm() + 1)
-    for size in range(T + 1):
-        for S in itertools.combinations(range(T), size):
-            S = list(S)
-            y = x.clone()
-            if S:
-                JS = J[S]
-                try:
-                    mu = torch.linalg.solve(JS @ JS.T, -(JS @ x))
-                except RuntimeError:  # singular: S is not the active set of a generic input
-                    continue
-                if (mu < -1e-12).any():
-                    continue
-                y = x + JS.T @ mu
-            if (J @ y >= -tol).all():
-                return y
-    raise AssertionError("no active set satisfies the KKT conditions")
-
-
 def reference_upgrad(J: torch.Tensor) -> torch.Tensor:
     """The paper's UPGrad: the mean of the projections of the rows of J."""
     return torch.stack([project_onto_dual_cone(J, g) for g in J]).mean(0)
-
-
-def nonneg_qp(Q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """argmin_{v >= 0} ½ vᵀ Q v + cᵀ v for a positive definite Q, by enumerating supports."""
-    n = Q.shape[0]
-    for size in range(n + 1):
-        for S in itertools.combinations(range(n), size):
-            S = list(S)
-            v = torch.zeros(n, dtype=torch.float64)
-            if S:
-                v[S] = torch.linalg.solve(Q[S][:, S], -c[S])
-            if (v >= 0).all() and (Q @ v + c >= -1e-10 * (1 + c.abs().max())).all():
-                return v
-    raise AssertionError("no support satisfies the KKT conditions")
 
 
 def reference_weights(G: torch.Tensor, reg_eps: float = 0.0) -> torch.Tensor:
