@@ -38,6 +38,22 @@ at::Tensor to_tensor(const Vector& v);
 Vector multiply(const Matrix& A, const Vector& x);
 double dot(const Vector& a, const Vector& b);
 
+// Σ a_t b_t over n values with four independent partial sums: the compiler may not reorder a
+// floating-point reduction itself, and one running sum is bound by the adder's latency. Fixed
+// order: results depend on nothing but the inputs.
+inline double dot(const double* a, const double* b, int64_t n) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    s0 += a[t] * b[t];
+    s1 += a[t + 1] * b[t + 1];
+    s2 += a[t + 2] * b[t + 2];
+    s3 += a[t + 3] * b[t + 3];
+  }
+  for (; t < n; ++t) s0 += a[t] * b[t];
+  return (s0 + s1) + (s2 + s3);
+}
+
 // Symmetric eigen-decomposition A = V diag(values) Vᵀ, values ascending, eigenvectors in the
 // columns of V: cyclic Jacobi rotations up to 32 x 32 (accurate to a few ulps of ||A||, and
 // cheaper than a library call at that size), LAPACK's syevd through torch above.

@@ -20,20 +20,6 @@
 namespace mtlgrad::solvers {
 namespace {
 
-// Dot product with four partial sums, so that the compiler can vectorise it.
-double dot_rows(const double* __restrict a, const double* __restrict b, int64_t n) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    s0 += a[j] * b[j];
-    s1 += a[j + 1] * b[j + 1];
-    s2 += a[j + 2] * b[j + 2];
-    s3 += a[j + 3] * b[j + 3];
-  }
-  for (; j < n; ++j) s0 += a[j] * b[j];
-  return (s0 + s1) + (s2 + s3);
-}
-
 // x = M⁺ b for a general square M, by a one-sided Jacobi SVD (Hestenes): rotations orthogonalise the
 // columns of M (rows of W = Mᵀ here, for contiguous access) and accumulate V, so that M V = W_finalᵀ
 // with orthogonal columns σ_k u_k. Singular values below rtol · σ_max count as zero. O(T³) per
@@ -60,7 +46,7 @@ Vector pseudo_inverse_solve(const Matrix& M, const Vector& b, double rtol) {
     // Squared row norms, recomputed every sweep and updated exactly by each rotation in between.
     double largest = 0;
     for (int64_t k = 0; k < n; ++k) {
-      norm2[size_t(k)] = dot_rows(row(W, k), row(W, k), n);
+      norm2[size_t(k)] = dot(row(W, k), row(W, k), n);
       largest = std::max(largest, norm2[size_t(k)]);
     }
     const double negligible = 1e-28 * largest;
@@ -69,7 +55,7 @@ Vector pseudo_inverse_solve(const Matrix& M, const Vector& b, double rtol) {
       for (int64_t q = p + 1; q < n; ++q) {
         const double a = norm2[size_t(p)], bb = norm2[size_t(q)];
         if (a <= negligible || bb <= negligible) continue;
-        const double g = dot_rows(row(W, p), row(W, q), n);
+        const double g = dot(row(W, p), row(W, q), n);
         if (std::abs(g) <= tol * std::sqrt(a * bb)) continue;
         rotated = true;
         const double zeta = (bb - a) / (2 * g);
@@ -86,14 +72,14 @@ Vector pseudo_inverse_solve(const Matrix& M, const Vector& b, double rtol) {
   Vector sigma2(static_cast<size_t>(n));
   double largest = 0;
   for (int64_t k = 0; k < n; ++k) {
-    sigma2[size_t(k)] = dot_rows(row(W, k), row(W, k), n);
+    sigma2[size_t(k)] = dot(row(W, k), row(W, k), n);
     largest = std::max(largest, sigma2[size_t(k)]);
   }
   Vector x(static_cast<size_t>(n), 0.0);
   for (int64_t k = 0; k < n; ++k) {
     if (!(sigma2[size_t(k)] > rtol * rtol * largest)) continue;
     // (σ_k u_k)ᵀ b / σ_k²
-    const double coef = dot_rows(row(W, k), b.data(), n) / sigma2[size_t(k)];
+    const double coef = dot(row(W, k), b.data(), n) / sigma2[size_t(k)];
     for (int64_t j = 0; j < n; ++j) x[size_t(j)] += coef * Vt(k, j);
   }
   return x;

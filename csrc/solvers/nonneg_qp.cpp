@@ -18,22 +18,6 @@ constexpr double kDualTolerance = 1e-12;
 // sqrt(kPivotTolerance) relative), so it is skipped.
 constexpr double kPivotTolerance = 1e-12;
 
-// Σ a_t b_t with four independent partial sums: the compiler may not reorder a floating-point
-// reduction itself, and one running sum is bound by the adder's latency. Fixed order: results do
-// not depend on anything but the inputs.
-inline double dot4(const double* a, const double* b, int64_t n) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    s0 += a[t] * b[t];
-    s1 += a[t + 1] * b[t + 1];
-    s2 += a[t + 2] * b[t + 2];
-    s3 += a[t + 3] * b[t + 3];
-  }
-  for (; t < n; ++t) s0 += a[t] * b[t];
-  return (s0 + s1) + (s2 + s3);
-}
-
 }  // namespace
 
 NonnegQP::NonnegQP(const Matrix& Q)
@@ -60,7 +44,7 @@ bool NonnegQP::append(int64_t j) {
   double pivot2 = qjj;
   for (int64_t r = 0; r < k; ++r) {
     const double* Lr = &L_[size_t(r * n_)];
-    const double l = (Q_(free_[size_t(r)], j) - dot4(Lr, column_.data(), r)) * inv_diag_[size_t(r)];
+    const double l = (Q_(free_[size_t(r)], j) - dot(Lr, column_.data(), r)) * inv_diag_[size_t(r)];
     column_[size_t(r)] = l;
     pivot2 -= l * l;
   }
@@ -153,7 +137,7 @@ void NonnegQP::solve_free(const Vector& c, Vector& z) const {
   const int64_t k = int64_t(free_.size());
   for (int64_t r = 0; r < k; ++r) {  // L y = -c[free]
     const double* Lr = &L_[size_t(r * n_)];
-    z[size_t(r)] = (-c[size_t(free_[size_t(r)])] - dot4(Lr, z.data(), r)) * inv_diag_[size_t(r)];
+    z[size_t(r)] = (-c[size_t(free_[size_t(r)])] - dot(Lr, z.data(), r)) * inv_diag_[size_t(r)];
   }
   for (int64_t r = k - 1; r >= 0; --r) {  // Lᵀ z = y, by columns of Lᵀ (rows of L: contiguous)
     const double* Lr = &L_[size_t(r * n_)];
