@@ -12,6 +12,7 @@ from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
     aggregators,
     ops,
     optim,  # noqa: E402  (after step, which it uses)
+    weighting,
 )
 from mtlgrad.ops import NonFiniteGradientError, combine, gram  # noqa: E402
 from mtlgrad.step import StepRecord, backward  # noqa: E402
@@ -27,4 +28,5 @@ __all__ = [
     "gram",
     "ops",
     "optim",
+    "weighting",
 ]

@@ -1,0 +1,5 @@
+import sys
+
+from mtlgrad.cli import main
+
+sys.exit(main())
