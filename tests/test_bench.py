@@ -1,0 +1,187 @@
+"""``mtlgrad bench``: the harness's timing logic, and the command end to end on tiny problems
+(the figures of a tiny run mean nothing; only their form is checked, never wall time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlgrad import cli
+from mtlgrad.bench import _harness
+
+
+def test_timer_warms_up_then_takes_the_median() -> None:
+    now = [0.0]
+    calls: list[int] = []
+    durations = {0: 100.0, 1: 100.0, 2: 5.0, 3: 1.0, 4: 3.0}  # two warm-ups, three timed
+
+    def fn(i: int) -> None:
+        calls.append(i)
+        now[0] += durations[i]
+
+    timer = _harness.Timer(torch.device("cpu"), warmup=2, repeat=3, clock=lambda: now[0])
+    assert timer.times(fn) == [5.0, 1.0, 3.0]
+    assert calls == [0, 1, 2, 3, 4]  # the index keeps counting through the warm-up
+    now[0], calls[:] = 0.0, []
+    assert timer(fn) == 3.0
+    durations.update({5: 2.0})
+    even = _harness.Timer(torch.device("cpu"), warmup=2, repeat=4, clock=lambda: now[0])
+    assert even(fn) == 2.5  # mean of the two middle values of [5, 1, 3, 2]
+    with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
+        _harness.Timer(torch.device("cpu"), repeat=0)
+
+
+def test_rotation() -> None:
+    cpu = torch.device("cpu")
+    mib = 1 << 20
+    assert _harness.rotation_copies(100 * mib, cpu) == 3  # 3 x 100 MiB > 256 MiB of caches
+    assert _harness.rotation_copies(1 << 30, cpu) == 1
+    assert _harness.rotation_copies(1, cpu) == _harness.MAX_COPIES
+    assert _harness.rotation_copies(mib, torch.device("cuda")) == 1
+    with pytest.raises(ValueError, match="nbytes must be positive"):
+        _harness.rotation_copies(0, cpu)
+
+    made: list[int] = []
+    rotation = _harness.Rotation(lambda k: made.append(k) or torch.full((2,), float(k)), 3)
+    assert made == [0, 1, 2] and len(rotation) == 3
+    picked = [int(rotation[i][0]) for i in range(7)]
+    assert picked == [0, 1, 2, 0, 1, 2, 0]
+    assert all(rotation[i] is not rotation[i + 1] for i in range(6))  # never the same twice
+
+
+def test_split_sizes() -> None:
+    sizes = _harness.split_sizes(1000, 7, torch.Generator().manual_seed(0))
+    assert len(sizes) == 7 and sum(sizes) == 1000 and min(sizes) >= 1
+    assert len(set(sizes)) > 1  # uneven, like a model's layers
+    assert _harness.split_sizes(3, 3, torch.Generator().manual_seed(0)) == [1, 1, 1]
+
+
+def test_format_and_tables() -> None:
+    table = _harness.Table(
+        "t",
+        "a table",
+        [_harness.Column("name", "name"), _harness.Column("ms", "time", "ms")],
+        rows=[{"name": "x", "ms": 1234.5}, {"name": "peer", "ms": None}],
+    )
+    text = _harness.text_table(table)
+    assert "1234.5" in text and "—" in text
+    markdown = _harness.markdown_table(table)
+    assert "| name | time (ms) |" in markdown and "| peer | — |" in markdown
+    assert _harness.format_cell(0.0123, "ms") == "0.012"
+    assert _harness.format_cell(2.0, "x") == "2.00x"
+
+
+def bench(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """``mtlgrad bench ...`` through the command's own parser and dispatch (the other commands
+    are left out: this test is about bench alone)."""
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": cli.COMMANDS["bench"]})
+    return cli.main(["bench", *argv])
+
+
+def check_figures(table: dict) -> None:
+    assert table["rows"], f"table {table['name']} is empty"
+    units = {c["key"]: c["unit"] for c in table["columns"]}
+    for row in table["rows"]:
+        assert set(row) <= set(units)
+        for key, value in row.items():
+            if value is None or units[key] == "":
+                continue
+            assert math.isfinite(value), (table["name"], row)
+            if units[key] in ("ms", "x", "%"):
+                assert value > 0, (table["name"], row)
+
+
+def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "LibMTL", None)  # LibMTL missing, whatever is installed
+    monkeypatch.setitem(sys.modules, "LibMTL.weighting", None)
+    assert bench(["all", "--size", "tiny", "--out", str(tmp_path)], monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "LibMTL: not installed" in printed
+
+    torchjd = importlib.util.find_spec("torchjd") is not None
+    for suite in ("kernels", "aggregators", "step"):
+        (json_path,) = tmp_path.glob(f"bench-{suite}-*.json")
+        (md_path,) = tmp_path.glob(f"bench-{suite}-*.md")
+        result = json.loads(json_path.read_text())
+        assert result["suite"] == suite and result["settings"]["size"] == "tiny"
+        machine = result["machine"]
+        for key in ("cpu", "cores", "torch", "cpu_kernels", "device", "date"):
+            assert machine[key], key
+        assert machine["torch"] == torch.__version__ and machine["device"] == "cpu"
+        assert result["peers"]["LibMTL"]["installed"] is False
+        assert result["peers"]["TorchJD"]["installed"] is torchjd
+        for table in result["tables"]:
+            check_figures(table)
+        markdown = md_path.read_text()
+        assert markdown.startswith(f"# mtlgrad bench {suite}")
+        assert "LibMTL: not installed" in markdown
+        for table in result["tables"]:
+            assert f"### {table['title']}" in markdown
+        assert markdown.count("\n| ") >= sum(len(t["rows"]) + 1 for t in result["tables"])
+
+    kernels = json.loads(next(tmp_path.glob("bench-kernels-*.json")).read_text())
+    by_name = {r["measurement"]: r for r in kernels["tables"][0]["rows"]}
+    assert by_name["mtlgrad.ops.gram"]["ratio_of"] == "floor"
+    assert by_name["mtlgrad.ops.gram"]["ratio"] == pytest.approx(
+        by_name["mtlgrad.ops.gram"]["ms"] / by_name["gram floor (read T*P once)"]["ms"]
+    )
+
+    aggregators = json.loads(next(tmp_path.glob("bench-aggregators-*.json")).read_text())
+    per_method = {r["method"]: r for r in aggregators["tables"][0]["rows"]}
+    assert per_method["UPGrad"]["agg_over_floor"] == pytest.approx(
+        per_method["UPGrad"]["agg_ms"] / per_method["UPGrad"]["floor_ms"]
+    )
+    assert per_method["HydaLearn"]["peer_status"] == "no TorchJD version"
+    assert per_method["GradDrop"]["weights_ms"] is None  # elementwise: no weights(G)
+    if torchjd:
+        assert per_method["UPGrad"]["peer_over_ours"] > 0
+    else:
+        assert per_method["UPGrad"]["peer_status"] == "TorchJD not installed"
+
+    step = json.loads(next(tmp_path.glob("bench-step-*.json")).read_text())
+    rows = {r["step"]: r for r in step["tables"][0]["rows"]}
+    assert rows["summed loss"]["x_summed"] == 1.0
+    for engine in ("loop", "batched", "features"):
+        assert rows[f"mtlgrad PCGrad {engine}"]["ms"] > 0  # measured in its own process
+    assert rows["mtlgrad PCGrad loop"]["aggregation_share"] > 0
+    libmtl = rows["LibMTL PCGrad"]
+    assert libmtl["status"] == "LibMTL not installed" and libmtl["ms"] is None
+    torchjd_row = rows["TorchJD PCGrad (mtl_backward + jac_to_grad)"]
+    assert (torchjd_row["ms"] is not None) is torchjd
+
+
+def test_missing_torchjd_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchjd", None)  # `import torchjd` now fails
+    monkeypatch.setitem(sys.modules, "torchjd.aggregation", None)
+    assert bench(["aggregators", "--size", "tiny", "--out", str(tmp_path)], monkeypatch) == 0
+    result = json.loads(next(tmp_path.glob("bench-aggregators-*.json")).read_text())
+    assert result["peers"]["TorchJD"]["installed"] is False
+    for table in result["tables"]:
+        check_figures(table)
+        for row in table["rows"]:
+            assert row["peer_ms"] is None and row["peer_over_ours"] is None
+            assert row["peer_status"] in ("TorchJD not installed", "no TorchJD version")
+    markdown = next(tmp_path.glob("bench-aggregators-*.md")).read_text()
+    assert "TorchJD: not installed" in markdown
+    assert "| UPGrad |" in markdown and "TorchJD not installed |" in markdown
+
+
+def test_cuda_without_a_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench(["kernels", "--device", "cuda", "--out", str(tmp_path)], monkeypatch) == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench(["everything"], monkeypatch)
+    assert "invalid choice: 'everything'" in capsys.readouterr().err
+    assert bench(["kernels", "--repeat", "0"], monkeypatch) == 2
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
