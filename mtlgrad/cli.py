@@ -1,8 +1,9 @@
 """The ``mtlgrad`` command: ``mtlgrad demo`` and ``mtlgrad bench``.
 
 Each subcommand lives in its own module, which provides ``configure_parser(parser)`` and
-``run(args) -> int``; this file only wires them together, importing each one when it runs (the
-command-line tools need the ``cli`` extra: ``pip install "mtlgrad[cli]"``).
+``run(args) -> int``; this file only wires them together. Building the parser imports every
+subcommand module, so those modules keep their own imports light: matplotlib and tqdm (the
+``cli`` extra: ``pip install "mtlgrad[cli]"``) are imported when a command runs.
 """
 
 from __future__ import annotations
