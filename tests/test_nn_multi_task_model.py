@@ -121,3 +121,11 @@ def test_errors():
     model = MultiTaskModel(trunk, {"a": nn.Linear(2, 1)})
     with pytest.raises(KeyError, match=r"unknown task 'b'; the tasks are \['a'\]"):
         list(model.task_parameters("b"))
+
+
+def test_task_name_errors():
+    trunk = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"task name 'a\.b' contains '\.'"):
+        MultiTaskModel(trunk, {"a.b": nn.Linear(2, 1)})
+    with pytest.raises(TypeError, match="task names must be non-empty strings"):
+        MultiTaskModel(trunk, {0: nn.Linear(2, 1)})

@@ -155,3 +155,40 @@ def test_errors():
     )
     with pytest.raises(ValueError, match="every layer of every task must give one shape"):
         model(torch.randn(2, 3))
+
+
+def test_conv_layers_split_channels():
+    torch.manual_seed(0)
+    layers = {
+        name: [nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)] for name in TASKS
+    }
+    heads = {name: nn.Flatten() for name in TASKS}
+    model = Sluice(layers, heads, feature_dim=1).double()
+    with torch.no_grad():
+        model.alphas[1].copy_(torch.eye(4))  # no mixing at the last layer
+        model.betas["pos"].copy_(torch.tensor([0.0, 1.0]))
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    h = model.layers["pos"][0](x)
+    h_chunk = model.layers["chunk"][0](x)
+    a = model.alphas[0]
+    first = torch.cat(
+        [
+            a[0, 0] * h[:, :2]
+            + a[0, 1] * h[:, 2:]
+            + a[0, 2] * h_chunk[:, :2]
+            + a[0, 3] * h_chunk[:, 2:],
+            a[1, 0] * h[:, :2]
+            + a[1, 1] * h[:, 2:]
+            + a[1, 2] * h_chunk[:, :2]
+            + a[1, 3] * h_chunk[:, 2:],
+        ],
+        dim=1,
+    )
+    expected = model.layers["pos"][1](first).flatten(1)
+    torch.testing.assert_close(model(x)["pos"], expected)
+    total = 0.0
+    for name in TASKS:
+        for layer in model.layers[name]:
+            W = layer.weight.detach().reshape(4, -1)  # output channels x (inputs · kernel)
+            total += float((W[:2] @ W[2:].T).pow(2).sum())
+    assert model.orthogonality_penalty().item() == pytest.approx(total, rel=1e-12)
