@@ -124,6 +124,10 @@ def test_prox_errors():
         prox_block_sparse(W, -1.0)
     with pytest.raises(ValueError, match=r"d x T matrix .* got \[3\]"):
         prox_block_sparse(torch.ones(3), 0.1)
+    W_bad = torch.ones(4, 2)
+    W_bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf in rows \[2\]"):
+        prox_block_sparse(W_bad, 0.1)
     with pytest.raises(ValueError, match="q must be a number >= 1"):
         block_sparse_norm(W, q=0.5)
 

@@ -105,6 +105,12 @@ def prox_block_sparse(W: Tensor, step: float, q: float = 2) -> Tensor:
     if not math.isfinite(step) or step < 0:
         raise ValueError(f"{owner}: step must be a finite number >= 0, got {step!r}")
     with torch.no_grad():
+        bad = (~torch.isfinite(W)).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(
+                f"{owner}: W has NaN or Inf in rows {bad[:10].tolist()} (features); the "
+                "proximal operator needs finite weights"
+            )
         if q == 2.0:
             norms = torch.linalg.vector_norm(W, dim=1, keepdim=True)
             keep = norms > step
