@@ -10,8 +10,10 @@ _C = _load_extension()
 
 from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
     aggregators,
+    nn,
     ops,
     optim,  # noqa: E402  (after step, which it uses)
+    regularizers,
     weighting,
 )
 from mtlgrad.ops import NonFiniteGradientError, combine, gram  # noqa: E402
@@ -26,7 +28,9 @@ __all__ = [
     "backward",
     "combine",
     "gram",
+    "nn",
     "ops",
     "optim",
+    "regularizers",
     "weighting",
 ]

@@ -91,8 +91,6 @@ def _named_losses(
 
 def _shared(shared_params: Iterable[Tensor]) -> list[Tensor]:
     params = list(shared_params)
-    if not params:
-        raise ValueError("mtlgrad.backward: shared_params is empty")
     seen: dict[int, int] = {}
     for k, p in enumerate(params):
         if not isinstance(p, Tensor):
@@ -145,7 +143,10 @@ def backward(
         losses: one scalar loss per task, as a sequence or a dict (its keys name the tasks in
             errors and in the record).
         shared_params: the parameters shared by the tasks (the trunk). Their per-task gradients
-            are combined by ``aggregator`` with the native ``gram`` and ``combine`` ops.
+            are combined by ``aggregator`` with the native ``gram`` and ``combine`` ops. May be
+            empty when the tasks share nothing (soft parameter sharing): then every parameter
+            is a task's own and gets that task's gradient, and nothing is aggregated (the
+            record's weights are ones).
         aggregator: any :class:`~mtlgrad.aggregators.Aggregator`.
         features: the shared representation (a tensor or several). When given, the per-task
             gradients are taken with respect to it (MGDA-UB style), aggregated there, and one
@@ -185,6 +186,11 @@ def backward(
         )
     T = len(values)
     feature_list = None
+    if features is not None and not shared:
+        raise ValueError(
+            "mtlgrad.backward: features were given but shared_params is empty; the features "
+            "engine backpropagates the combined gradient into the shared parameters"
+        )
     if features is not None:
         feature_list = [features] if isinstance(features, Tensor) else list(features)
         for i, f in enumerate(feature_list):
@@ -222,14 +228,18 @@ def backward(
     keep_graph = (
         retain_graph or feature_list is not None or (engine == "batched" and bool(all_heads))
     )
-    per_task, head_grads = task_gradients(
-        values_for_grad,
-        level,
-        engine=engine,
-        retain_graph=keep_graph,
-        batch_size=batch_size,
-        task_inputs=heads,
-    )
+    if K == 0 and engine == "batched":
+        # Nothing shared: no task gradient to batch; the heads follow below.
+        per_task, head_grads = [[] for _ in range(T)], []
+    else:
+        per_task, head_grads = task_gradients(
+            values_for_grad,
+            level,
+            engine=engine,
+            retain_graph=keep_graph,
+            batch_size=batch_size,
+            task_inputs=heads,
+        )
 
     # Inputs no task reaches keep .grad None; an input some tasks miss counts as zero for them.
     used = [k for k in range(K) if any(per_task[t][k] is not None for t in range(T))]

@@ -145,8 +145,8 @@ def test_errors() -> None:
         mtlgrad.backward([p * 2], shared_params=[p], aggregator=Sum())
     with pytest.raises(ValueError, match="the loss of task 1 does not require grad"):
         mtlgrad.backward([good, torch.tensor(1.0)], shared_params=[p], aggregator=Sum())
-    with pytest.raises(ValueError, match="shared_params is empty"):
-        mtlgrad.backward([good], shared_params=[], aggregator=Sum())
+    with pytest.raises(ValueError, match="features were given but shared_params is empty"):
+        mtlgrad.backward([good], shared_params=[], aggregator=Sum(), features=p * 2)
     with pytest.raises(
         ValueError, match=r"shared_params\[1\] is the same tensor as shared_params\[0\]"
     ):
@@ -218,3 +218,17 @@ def test_batched_engine_suggests_loop_when_vmap_fails() -> None:
     with pytest.raises(RuntimeError, match="Use engine='loop'"):
         mtlgrad.backward(losses, shared_params=[p], aggregator=Sum(), engine="batched")
     assert p.grad is None
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_nothing_shared(engine: str) -> None:
+    # Soft parameter sharing: every parameter is one task's own and gets that task's gradient.
+    a = torch.nn.Parameter(torch.randn(3))
+    b = torch.nn.Parameter(torch.randn(3))
+    record = mtlgrad.backward(
+        {"a": (a**2).sum(), "b": (3 * b).sum()}, shared_params=[], aggregator=Sum(), engine=engine
+    )
+    torch.testing.assert_close(a.grad, 2 * a.detach())
+    torch.testing.assert_close(b.grad, torch.full((3,), 3.0))
+    torch.testing.assert_close(record.weights, torch.ones(2, dtype=torch.float64))
+    assert record.gram is None

@@ -1,0 +1,41 @@
+"""Multi-task models: the classic architectures, each with one output per task and an exact
+partition of its parameters into shared and task-specific ones.
+
+.. code-block:: python
+
+    model = MultiTaskModel(trunk, {"seg": seg_head, "depth": depth_head})
+    outputs = model(x)  # {"seg": ..., "depth": ...}
+    mtlgrad.backward(losses, shared_params=model.shared_parameters(), aggregator=UPGrad())
+"""
+
+from mtlgrad.nn._base import MultiTaskModule
+from mtlgrad.nn._cross_stitch import CrossStitch, CrossStitchUnit
+from mtlgrad.nn._mmoe import MMoE
+from mtlgrad.nn._mtan import MTAN, attention_module
+from mtlgrad.nn._multi_task_model import MultiTaskModel
+from mtlgrad.nn._sluice import Sluice
+from mtlgrad.nn._soft_sharing import SoftSharing
+from mtlgrad.nn._task_batchnorm import (
+    TaskBatchNorm,
+    TaskBatchNormModel,
+    convert_task_batchnorm,
+    task_batchnorm_parameters,
+    use_task,
+)
+
+__all__ = [
+    "CrossStitch",
+    "CrossStitchUnit",
+    "MMoE",
+    "MTAN",
+    "MultiTaskModel",
+    "MultiTaskModule",
+    "Sluice",
+    "SoftSharing",
+    "TaskBatchNorm",
+    "TaskBatchNormModel",
+    "attention_module",
+    "convert_task_batchnorm",
+    "task_batchnorm_parameters",
+    "use_task",
+]

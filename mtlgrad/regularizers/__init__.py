@@ -1,0 +1,20 @@
+"""Multi-task regularisers on stacked task parameters.
+
+- :func:`block_sparse_norm` and its proximal operator :func:`prox_block_sparse`: l1/lq
+  (l2,1) joint feature selection across tasks (Argyriou et al. 2008; Liu, Ji & Ye 2009).
+- :func:`trace_norm` and :func:`l2_coupling`: soft parameter sharing between task networks
+  (Yang & Hospedales 2017; Duong et al. 2015), used by :class:`mtlgrad.nn.SoftSharing`.
+- :func:`stack_task_weights`: one tensor per task into the d x T matrix the norms act on.
+"""
+
+from mtlgrad.regularizers._block_sparse import block_sparse_norm, prox_block_sparse
+from mtlgrad.regularizers._coupling import l2_coupling, trace_norm
+from mtlgrad.regularizers._stack import stack_task_weights
+
+__all__ = [
+    "block_sparse_norm",
+    "l2_coupling",
+    "prox_block_sparse",
+    "stack_task_weights",
+    "trace_norm",
+]
