@@ -1,4 +1,4 @@
-"""DWA (Liu, Johns & Davison 2019) against a float64 reference of Eq. 1-2."""
+"""DWA (Liu, Johns & Davison 2019) against a float64 reference of the paper's formula."""
 
 from __future__ import annotations
 

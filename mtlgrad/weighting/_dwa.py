@@ -10,10 +10,10 @@ from mtlgrad.weighting._base import LossWeighting, check_positive
 
 class DWA(LossWeighting):
     """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019, `End-to-End Multi-Task Learning
-    with Attention <https://arxiv.org/abs/1803.10704>`_, Eq. 1-2).
+    with Attention <https://arxiv.org/abs/1803.10704>`_).
 
     The weights of epoch ``t`` come from how fast each task's loss fell over the two previous
-    epochs::
+    epochs (the paper's DWA formula)::
 
         w_k(t) = K exp(r_k(t-1) / τ) / Σ_i exp(r_i(t-1) / τ),   r_k(t-1) = L_k(t-1) / L_k(t-2)
 

@@ -29,15 +29,15 @@ class FAMO(LossWeighting):
     default) and ``ε = 1e-8``, as in the official code.
 
     After the model's step, the logits move to favour the tasks whose log-loss fell least
-    (paper Sec. 3.3 and Algorithm 1)::
+    (paper, Algorithm 1)::
 
         δ = J_z(ξ)ᵀ (log(L(t) - b + ε) - log(L(t+1) - b + ε))    (J_z: Jacobian of softmax)
         ξ ← ξ - β (δ + γ ξ)                                       (rule="sgd", Algorithm 1)
 
     ``rule="adam"`` (default) instead gives ``δ + γ ξ`` to an Adam step of learning rate β
-    (β₁, β₂ = 0.9, 0.999, eps 1e-8), which is what the paper's practical Algorithm 2, the
-    official code and LibMTL do. Defaults ``β = 0.025``, ``γ = 1e-3`` (Algorithm 2, LibMTL and the
-    official experiment scripts; the official standalone example uses γ = 0.01).
+    (β₁, β₂ = 0.9, 0.999, eps 1e-8), as the paper's practical version (Algorithm 2, in the
+    appendix), the official code and LibMTL do. Defaults ``β = 0.025``, ``γ = 1e-3`` (Algorithm 2,
+    LibMTL and the official experiment scripts; the official standalone example uses γ = 0.01).
 
     Per step (FAMO needs the losses of the same batch after the step):
 

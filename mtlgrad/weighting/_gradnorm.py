@@ -14,9 +14,10 @@ class GradNorm(LossWeighting):
     Normalization for Adaptive Loss Balancing in Deep Multitask Networks
     <https://arxiv.org/abs/1711.02257>`_).
 
-    Learnable task weights ``w_i`` (``task_weights``, initialised to 1) scale the losses, and are
-    trained so that the weighted tasks' gradient norms on the last shared layer ``W`` train at
-    rates set by their relative inverse training rates (paper Sec. 3, Eq. 1-2)::
+    Learnable task weights ``w_i`` (``task_weights``, initialised to 1) scale the losses. They are
+    trained to bring each weighted task's gradient norm on the last shared layer ``W`` to the
+    mean norm times a power of the task's relative inverse training rate ``r_i``: tasks that
+    trained less far get larger gradients (paper Sec. 3 and Algorithm 1)::
 
         G_i = ‖∇_W w_i L_i‖ = w_i ‖∇_W L_i‖,   Ḡ = mean_i G_i,
         L̃_i = L_i(t) / L_i(0),   r_i = L̃_i / mean_j L̃_j,
@@ -46,7 +47,7 @@ class GradNorm(LossWeighting):
 
     .. code-block:: python
 
-        weighting = GradNorm(2, shared_params=model.trunk[-1].parameters(), alpha=1.5)
+        weighting = GradNorm(2, shared_params=model.last_shared_layer.parameters())
         optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()])
         optimizer.zero_grad()
         weighting(losses).backward()
@@ -56,8 +57,7 @@ class GradNorm(LossWeighting):
         num_tasks: T.
         shared_params: the parameters of the last shared layer ``W`` (not registered in this
             module: they belong to the model).
-        alpha: the asymmetry α (default 1.5, the paper's NYUv2 setting); 0 equalises the
-            gradient norms.
+        alpha: the asymmetry α (default 1.5, as in LibMTL); 0 equalises the gradient norms.
     """
 
     def __init__(self, num_tasks: int, shared_params: Iterable[Tensor], alpha: float = 1.5) -> None:
@@ -126,7 +126,9 @@ class GradNorm(LossWeighting):
                 torch.zeros_like(p) if g is None else g
                 for p, g in zip(self.shared_params, task_grads)
             ]
-        norms = ops.gram(grads, self.num_tasks).diagonal().clamp(min=0).sqrt()
+        names_of_params = [f"shared_params[{i}]" for i in range(len(self.shared_params))]
+        gram = ops.gram(grads, self.num_tasks, names=names_of_params)  # raises on NaN / Inf
+        norms = gram.diagonal().clamp(min=0).sqrt()
 
         current = stacked.detach().to(torch.float64)
         if bool(torch.isnan(self.initial_losses).any()):
