@@ -66,3 +66,29 @@ def test_errors_name_the_task():
         UncertaintyWeighting(2, kinds=["regression", "ranking"])
     with pytest.raises(ValueError, match="num_tasks"):
         UncertaintyWeighting(0)
+
+
+def test_noisier_tasks_learn_larger_variances():
+    # Shared linear trunk, three linear regression tasks with noise standard deviations 0.1, 0.5
+    # and 1.5: at the optimum σ_t² is the task's loss, i.e. its noise variance.
+    torch.manual_seed(0)
+    noise = torch.tensor([0.1, 0.5, 1.5])
+    x = torch.randn(512, 4)
+    coefficients = torch.randn(4, 3)
+    y = x @ coefficients + noise * torch.randn(512, 3)
+    trunk = torch.nn.Linear(4, 8)
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(3))
+    weighting = UncertaintyWeighting(3)
+    params = [*trunk.parameters(), *heads.parameters(), *weighting.parameters()]
+    optimizer = torch.optim.Adam(params, lr=0.03)
+    for _ in range(300):
+        optimizer.zero_grad()
+        z = trunk(x)
+        losses = [((head(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(heads)]
+        weighting(losses).backward()
+        optimizer.step()
+    variances = weighting.log_vars.detach().exp()
+    assert variances[0] < variances[1] < variances[2]
+    torch.testing.assert_close(variances, noise**2, rtol=0.3, atol=0)
+    # The weights order the other way: the noisiest task counts least.
+    assert weighting.weights[0] > weighting.weights[1] > weighting.weights[2]

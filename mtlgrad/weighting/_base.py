@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossWeighting", "task_losses"]
+__all__ = [
+    "LossWeighting",
+    "check_nonnegative",
+    "check_positive",
+    "task_loss_list",
+    "task_losses",
+]
 
 
-def task_losses(
-    losses: Sequence[Tensor] | Mapping[str, Tensor], num_tasks: int, owner: str
-) -> tuple[list[str], Tensor]:
-    """The task names and the losses stacked into one 1-D tensor (graph kept).
+def task_loss_list(
+    losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor, num_tasks: int, owner: str
+) -> tuple[list[str], list[Tensor]]:
+    """The task names and the task losses as given (checked, graph kept).
 
     Raises a ``ValueError`` naming the task when a loss is not a real scalar or the count differs
     from ``num_tasks``.
@@ -45,6 +52,15 @@ def task_losses(
         raise ValueError(
             f"{owner}: the task losses are on several devices: {sorted(map(str, devices))}"
         )
+    return names, values
+
+
+def task_losses(
+    losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor, num_tasks: int, owner: str
+) -> tuple[list[str], Tensor]:
+    """The task names and the losses stacked into one 1-D tensor (graph kept); errors as
+    :func:`task_loss_list`."""
+    names, values = task_loss_list(losses, num_tasks, owner)
     return names, torch.stack([loss.reshape(()) for loss in values])
 
 
@@ -68,8 +84,36 @@ class LossWeighting(nn.Module):
         self.num_tasks = num_tasks
         self.weights: Tensor | None = None
 
-    def _stack(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
+    def _stack(
+        self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor
+    ) -> tuple[list[str], Tensor]:
         return task_losses(losses, self.num_tasks, type(self).__name__)
+
+    def _weighted_sum(self, stacked: Tensor, weights: Tensor) -> Tensor:
+        """``Σ_t w_t L_t`` with constant weights (cast to the losses' dtype and device); records
+        them in ``weights``."""
+        weights = weights.detach().to(dtype=stacked.dtype, device=stacked.device)
+        self.weights = weights
+        return (weights * stacked).sum()
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}"
+
+
+# ---- argument checks shared by the constructors ---------------------------------------------
+
+
+def check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
