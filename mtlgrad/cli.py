@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Callable
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -25,11 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            # A subcommand missing from this installation must not break the others.
+            sub = subparsers.add_parser(name, help=f"(not installed) {help_text}")
+            sub.set_defaults(run=_unavailable(name, module_name))
+            continue
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.configure_parser(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def _unavailable(name: str, module_name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"mtlgrad {name}: {module_name} is not part of this installation", file=sys.stderr)
+        return 1
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
