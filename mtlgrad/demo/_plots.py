@@ -34,7 +34,7 @@ def _colors(n: int) -> list:
 def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path) -> None:
     """Test metric curves per task (one line per method), then, per gradient method, a heat map
     of the task-gradient cosines on the trunk: task pairs x evaluation steps."""
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     T = len(tasks)
     with_cosines = [r for r in results if r.cosines]
@@ -60,11 +60,13 @@ def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path
         if task.kind == "regression":
             ax.set_yscale("log")
             # Plain numbers; minor ticks labelled only when the axis spans under a decade.
-            ax.yaxis.set_major_formatter(LogFormatter(minor_thresholds=(1, 0.4)))
-            ax.yaxis.set_minor_formatter(
-                LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4))
-            )
-            ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            low, high = ax.get_ylim()
+            if high < 10 * low:
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+                ax.tick_params(axis="y", which="minor", labelsize=6)
+            else:
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{task.name} (σ={task.scale:g}): NMSE, lower is better", fontsize=9)
         else:
             ax.set_title(f"{task.name}: accuracy %, higher is better", fontsize=9)
@@ -80,13 +82,16 @@ def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path
             "cosines between task gradients on the shared trunk, mean over each evaluation "
             "interval (red: conflicting)"
         )
-        # One symmetric colour scale for all maps, fitted to the data: cosines between the
-        # gradients of a wide trunk are often small.
+        # One symmetric colour scale for all maps, fitted to the data (98th percentile of |cos|,
+        # beyond it the colour saturates): cosines between the gradients of a wide trunk are
+        # mostly small.
         matrices = [
             np.array([[float(c[i, j]) for c in result.cosines] for i, j in pairs])
             for result in with_cosines
         ]
-        limit = max(1e-3, *(float(np.abs(m).max()) for m in matrices))
+        limit = max(
+            1e-3, float(np.percentile(np.abs(np.concatenate([m.ravel() for m in matrices])), 98))
+        )
         image = None
         for k, ax in enumerate(heat_axes):
             if k >= len(with_cosines):
