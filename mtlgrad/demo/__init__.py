@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         import tqdm  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            f"mtlgrad demo needs matplotlib and tqdm ({error.name} is missing): "
+            f"mtlgrad demo needs matplotlib and tqdm ({error.name or error} is missing): "
             'pip install "mtlgrad[cli]"'
         ) from error
     from mtlgrad.demo._methods import METHODS, resolve_methods

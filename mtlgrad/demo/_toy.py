@@ -49,7 +49,9 @@ LOWER = 5e-6
 # The five starting points of the Nash-MTL / FAMO toy experiment (the first and third are also
 # CAGrad's).
 STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
-# x2 of the Pareto set (where ∂(q1 + q2)/∂x2 balances the gates), as drawn by the papers.
+# The papers draw the Pareto set as the segment x1 ∈ [-7, 7] at this x2, where both objectives
+# are stationary in x2 for x1 = 0 (the exact set bends slightly, to x2 = -8.43 at its ends, the
+# minima of L1 and L2 at x1 = 7 and -7).
 PARETO_X2 = -8.3552
 LEARNING_RATE = 1e-3
 DEFAULT_SCALE = 0.1
