@@ -1,0 +1,163 @@
+"""Training one method on the demo problem, with what the table and the figure need."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from mtlgrad.demo._methods import Method
+from mtlgrad.demo._metrics import evaluate
+from mtlgrad.demo._problem import DemoModel, DemoProblem, task_loss
+from mtlgrad.optim import MTLOptimizer
+from mtlgrad.weighting import UncertaintyWeighting
+
+__all__ = ["MethodResult", "TrainConfig", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The budget, the same for every method."""
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    evaluations: int = 40
+    seed: int = 0
+
+
+@dataclass
+class MethodResult:
+    """What one method's run produced.
+
+    Attributes:
+        losses / metrics: final test loss and metric per task.
+        eval_steps: the steps after which the test set was evaluated.
+        curves: test metric per evaluation (rows) and task (columns).
+        cosines: per evaluation, the mean T x T task-gradient cosines over the steps since the
+            previous one (from each step's record; ``None`` for uncertainty weighting).
+        conflicts: mean fraction of conflicting task pairs over all steps (``None`` when the
+            method does not compute the Gram matrix).
+        ms_per_step: mean wall time of a training step (forward, backward, aggregation,
+            optimizer step), evaluations excluded.
+    """
+
+    method: Method
+    losses: list[float] = field(default_factory=list)
+    metrics: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    curves: list[list[float]] = field(default_factory=list)
+    cosines: list[Tensor] | None = None
+    conflicts: float | None = None
+    ms_per_step: float = 0.0
+    weights: list[float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method.label,
+            "test_losses": self.losses,
+            "test_metrics": self.metrics,
+            "conflicts": self.conflicts,
+            "ms_per_step": self.ms_per_step,
+            "final_weights": self.weights,
+            "eval_steps": self.eval_steps,
+            "curves": self.curves,
+        }
+
+
+def _batches(size: int, batch_size: int, seed: int):
+    """An endless stream of index batches: shuffled epochs, the same order for every method."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(size, generator=gen)
+        for start in range(0, size - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def train(
+    method: Method,
+    problem: DemoProblem,
+    init_state: dict[str, Tensor],
+    config: TrainConfig,
+    on_step: Callable[[], None] | None = None,
+) -> MethodResult:
+    """Trains the demo model from ``init_state`` with ``method`` and Adam, for ``config.steps``.
+
+    Gradient methods run through :class:`~mtlgrad.optim.MTLOptimizer` with the trunk as the
+    shared parameters (each head gets its own task's gradient); uncertainty weighting
+    backpropagates ``weighting(losses)`` with its log-variances in the optimizer.
+    """
+    model = DemoModel(problem)
+    model.load_state_dict(init_state)
+    tasks = problem.tasks
+    T = len(tasks)
+    names = [task.name for task in tasks]
+    adam_params = list(model.parameters())
+    weighting = None
+    if method.loss_based:
+        weighting = UncertaintyWeighting(T, kinds=[task.kind for task in tasks])
+        adam_params += list(weighting.parameters())
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(adam_params, lr=config.lr)
+    else:
+        optimizer = MTLOptimizer(
+            torch.optim.Adam(adam_params, lr=config.lr),
+            method.make(config.seed),
+            shared_params=model.trunk.parameters(),
+        )
+
+    result = MethodResult(method)
+    every = max(1, config.steps // max(1, config.evaluations))
+    eval_at = set(range(every, config.steps + 1, every)) | {config.steps}
+    cosine_sum: Tensor | None = None
+    cosine_count = 0
+    conflict_sum, conflict_count = 0.0, 0
+    cosines: list[Tensor] = []
+    elapsed = 0.0
+    batches = _batches(problem.train_inputs.shape[0], config.batch_size, config.seed)
+    for step in range(1, config.steps + 1):
+        index = next(batches)
+        start = time.perf_counter()
+        predictions = model(problem.train_inputs[index])
+        losses = {
+            name: task_loss(task, prediction, target[index])
+            for name, task, prediction, target in zip(
+                names, tasks, predictions, problem.train_targets
+            )
+        }
+        optimizer.zero_grad()
+        if weighting is not None:
+            weighting(losses).backward()
+            record = None
+        else:
+            record = optimizer.backward(losses)
+        optimizer.step()
+        elapsed += time.perf_counter() - start
+
+        if record is not None and record.gram is not None:
+            conflict_sum += record.conflicts
+            conflict_count += 1
+            cosine_sum = record.cosines if cosine_sum is None else cosine_sum + record.cosines
+            cosine_count += 1
+        if step in eval_at:
+            _, metrics = evaluate(model, problem)
+            result.eval_steps.append(step)
+            result.curves.append(metrics)
+            if cosine_sum is not None:
+                cosines.append(cosine_sum / cosine_count)
+                cosine_sum, cosine_count = None, 0
+        if on_step is not None:
+            on_step()
+
+    result.losses, result.metrics = evaluate(model, problem)
+    result.ms_per_step = 1e3 * elapsed / config.steps
+    if conflict_count:
+        result.conflicts = conflict_sum / conflict_count
+        result.cosines = cosines
+    if weighting is not None:
+        result.weights = weighting.weights.tolist()
+    elif record is not None and record.weights is not None:
+        result.weights = record.weights.tolist()
+    return result

@@ -1,0 +1,304 @@
+"""``mtlgrad demo``: the command end to end (quick mode), the toy problem's functions against
+their published definitions, and Δm against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtlgrad.cli import main
+from mtlgrad.demo import DEFAULT_METHODS, DEFAULT_TOY_METHODS
+from mtlgrad.demo._methods import METHODS, resolve_methods
+from mtlgrad.demo._metrics import delta_m
+from mtlgrad.demo._problem import DemoModel, make_problem
+from mtlgrad.demo._toy import STARTS, run_toy, toy_jacobian, toy_losses
+from mtlgrad.demo._train import TrainConfig, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_outputs(folder: Path, stem: str) -> None:
+    for suffix in ("png", "md", "json"):
+        path = folder / f"{stem}.{suffix}"
+        assert path.is_file(), f"{path} was not written"
+        assert path.stat().st_size > 0, f"{path} is empty"
+    assert (folder / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def markdown_rows(path: Path) -> list[list[str]]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+# ---- the command, end to end ----------------------------------------------------------------
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    check_outputs(tmp_path, "demo")
+    labels = [METHODS[key].label for key in DEFAULT_METHODS]
+    rows = markdown_rows(tmp_path / "demo.md")
+    assert [row[0] for row in rows] == labels
+    printed = capsys.readouterr().out
+    for label in labels:
+        assert f"\n{label} " in printed
+    assert "lower is better" in printed
+
+    report = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))
+    methods = {row["method"]: row for row in report["methods"]}
+    assert list(methods) == labels
+    assert methods["Sum"]["delta_m_percent"] == 0.0
+    assert methods["UW"]["conflicts"] is None
+    tasks = report["tasks"]
+    for label, row in methods.items():
+        assert len(row["test_metrics"]) == len(tasks)
+        assert all(math.isfinite(v) for v in row["test_metrics"])
+        if label != "UW":
+            assert 0.0 <= row["conflicts"] <= 1.0
+        # Δm in the file agrees with the metrics in the file.
+        expected = delta_m(
+            row["test_metrics"],
+            methods["Sum"]["test_metrics"],
+            [t["kind"] == "regression" for t in tasks],
+        )
+        assert row["delta_m_percent"] == pytest.approx(expected)
+
+
+def test_demo_subset_adds_the_baseline(tmp_path, capsys):
+    argv = ["demo", "--quick", "--steps", "5", "--methods", "Nash-MTL,uw", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert [row[0] for row in markdown_rows(tmp_path / "demo.md")] == ["Sum", "Nash-MTL", "UW"]
+    assert "baseline" in capsys.readouterr().out
+
+
+def test_training_is_deterministic():
+    # Same seed: same data, initialisation, batches and random draws (PCGrad's order).
+    problem = make_problem(1)
+    torch.manual_seed(1)
+    init = DemoModel(problem).state_dict()
+    config = TrainConfig(steps=6, evaluations=2, seed=1)
+    for key in ("sum", "pcgrad", "uw"):
+        a = train(METHODS[key], problem, init, config)
+        b = train(METHODS[key], problem, init, config)
+        assert a.metrics == b.metrics and a.curves == b.curves
+        assert a.eval_steps == [3, 6]
+        if key == "uw":
+            assert a.cosines is None and a.conflicts is None
+        else:
+            assert len(a.cosines) == 2 and a.cosines[0].shape == (5, 5)
+            torch.testing.assert_close(a.cosines[0].diagonal(), torch.ones(5, dtype=torch.float64))
+
+
+def test_toy_quick(tmp_path, capsys):
+    assert main(["demo", "toy", "--quick", "--steps", "60", "--out", str(tmp_path)]) == 0
+    check_outputs(tmp_path, "toy")
+    labels = [METHODS[key].label for key in DEFAULT_TOY_METHODS]
+    rows = markdown_rows(tmp_path / "toy.md")
+    assert len(rows) == len(labels) * len(STARTS)
+    assert [row[0] for row in rows if row[0]] == labels
+    report = json.loads((tmp_path / "toy.json").read_text(encoding="utf-8"))
+    for row in report["methods"]:
+        assert row["starts"] == [list(s) for s in STARTS]
+        np.testing.assert_allclose(row["final_losses"], toy_losses(np.array(row["final"])))
+    printed = capsys.readouterr().out
+    assert "(-8.5, 7.5)" in printed and "(9, -1)" in printed
+
+
+def test_module_subprocess(tmp_path):
+    out = tmp_path / "tmp"
+    completed = subprocess.run(
+        [sys.executable, "-m", "mtlgrad", "demo", "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    check_outputs(out, "demo")
+    assert len(markdown_rows(out / "demo.md")) == len(DEFAULT_METHODS)
+
+
+def test_parser_imports_no_plotting():
+    # `mtlgrad` builds every subcommand's parser: matplotlib and tqdm wait for `run` (torch
+    # itself may import tqdm).
+    code = (
+        "import sys, torch; before = 'tqdm' in sys.modules; "
+        "from mtlgrad.cli import build_parser; build_parser(); "
+        "print('matplotlib' in sys.modules, ('tqdm' in sys.modules) != before)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["False", "False"]
+
+
+def test_missing_cli_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r'pip install "mtlgrad\[cli\]"'):
+        main(["demo", "--quick", "--out", str(tmp_path)])
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--methods", "sum,sgd,pcgard", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown methods 'sgd', 'pcgard'" in err
+    assert "choose from sum, mean, pcgrad" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_toy_refuses_loss_weighting(tmp_path, capsys):
+    assert main(["demo", "toy", "--methods", "mgda,uw", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'uw'" in err and "loss weighting" in err
+
+
+def test_scale_is_for_the_toy(tmp_path, capsys):
+    assert main(["demo", "--scale", "1", "--out", str(tmp_path)]) == 2
+    assert "--scale applies to the toy problem only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "many"])
+def test_bad_steps(steps, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", steps])
+    assert "--steps: expected a positive integer" in capsys.readouterr().err
+
+
+def test_method_names():
+    allowed = list(METHODS)
+    methods = resolve_methods(["Nash-MTL", "IMTL_G", "uncertainty", "nashmtl"], allowed)
+    assert [m.key for m in methods] == ["nashmtl", "imtlg", "uw"]
+    with pytest.raises(ValueError, match="no method given"):
+        resolve_methods([], allowed)
+
+
+# ---- Δm ---------------------------------------------------------------------------------------
+
+
+def test_delta_m_hand_computed():
+    # Task 1 (error) improves by 50 %, task 2 (error) worsens by 25 %, the accuracy drops from
+    # 100 to 80, i.e. by 20 %: the mean drop is (-50 + 25 + 20) / 3 = -5/3 %.
+    value = delta_m([0.5, 2.0, 80.0], [1.0, 1.6, 100.0], [True, True, False])
+    assert value == pytest.approx(-5.0 / 3.0)
+    # Higher accuracy is a negative drop.
+    assert delta_m([90.0], [60.0], [False]) == pytest.approx(-50.0)
+    assert delta_m([0.3, 70.0], [0.3, 70.0], [True, False]) == 0.0
+
+
+def test_delta_m_errors():
+    with pytest.raises(ValueError, match="one metric, one baseline value and one direction"):
+        delta_m([1.0, 2.0], [1.0], [True, True])
+    with pytest.raises(ValueError, match="task 1 is 0"):
+        delta_m([1.0, 2.0], [1.0, 0.0], [True, True])
+
+
+# ---- the problems -----------------------------------------------------------------------------
+
+
+def test_problem_is_seeded_and_scaled():
+    a, b = make_problem(3), make_problem(3)
+    torch.testing.assert_close(a.train_inputs, b.train_inputs)
+    for ya, yb in zip(a.test_targets, b.test_targets):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    assert not torch.equal(make_problem(4).train_inputs, a.train_inputs)
+    regression = [(t, y) for t, y in zip(a.tasks, a.train_targets) if t.kind == "regression"]
+    for task, y in regression:
+        # y = σ (tanh(·) + noise · N(0, 1)): its spread is of the order of σ.
+        assert 0.3 * task.scale < float(y.std()) < 1.5 * task.scale
+    scales = [t.scale for t, _ in regression]
+    assert max(scales) / min(scales) >= 100
+    labels = a.train_targets[-1]
+    assert a.tasks[-1].kind == "classification"
+    assert set(labels.tolist()) == set(range(a.tasks[-1].outputs))
+
+
+LOWER = 0.000005
+
+
+def published_toy(x1: float, x2: float, scale: float) -> tuple[float, float]:
+    """CAGrad's toy objectives as published (``toy.py`` of the official code), in plain math."""
+    f1 = math.log(max(abs(0.5 * (-x1 - 7) - math.tanh(-x2)), LOWER)) + 6
+    f2 = math.log(max(abs(0.5 * (-x1 + 3) + math.tanh(-x2) + 2), LOWER)) + 6
+    c1 = max(math.tanh(x2 * 0.5), 0.0)
+    f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    c2 = max(math.tanh(-x2 * 0.5), 0.0)
+    return scale * (f1 * c1 + f1_sq * c2), f2 * c1 + f2_sq * c2
+
+
+SAMPLE_POINTS = [
+    *STARTS,
+    (1.0, 2.0),
+    (3.0, -4.0),
+    (-2.5, 6.0),
+    (7.0, -8.3552),
+    (-7.0, -8.3552),
+    (2 * math.tanh(1.0) - 7, 1.0),  # the first logarithm's argument is 0: clamped at LOWER
+]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_toy_matches_published_functions(scale):
+    points = np.array(SAMPLE_POINTS)
+    expected = np.array([published_toy(x1, x2, scale) for x1, x2 in SAMPLE_POINTS])
+    np.testing.assert_allclose(toy_losses(points, scale), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_toy_hand_computed():
+    # x = (3, -4): tanh(-2) = -0.9640276, so c1 = 0 and c2 = 0.9640276;
+    # q1 = ((3 - 7)² + 0.1 · 4²) / 10 - 20 = -18.24 and q2 = (10² + 1.6) / 10 - 20 = -9.84.
+    c2 = 0.9640275800758169
+    np.testing.assert_allclose(toy_losses(np.array([3.0, -4.0]), 1.0), [-18.24 * c2, -9.84 * c2])
+    # x = (1, 2): c1 = tanh(1) = 0.7615942, c2 = 0; the first argument is
+    # |-4 + tanh(2)| = 3.0359724, the second |1 - tanh(2) + 2| = 2.0359724.
+    c1 = 0.7615941559557649
+    expected = [c1 * (math.log(3.0359724199241) + 6), c1 * (math.log(2.0359724199241) + 6)]
+    np.testing.assert_allclose(toy_losses(np.array([1.0, 2.0]), 1.0), expected, rtol=1e-12)
+    # At the clamp (x2 = 1, x1 = 2 tanh(1) - 7): the gate is tanh(1/2) = 0.4621172 and the
+    # logarithm log(5e-6) + 6 = -6.2060...
+    x1 = 2 * math.tanh(1.0) - 7
+    first = toy_losses(np.array([x1, 1.0]), 1.0)[0]
+    assert first == pytest.approx(0.46211715726000974 * (math.log(5e-6) + 6), rel=1e-9)
+
+
+def test_toy_jacobian_is_autograds():
+    def objectives(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[:, 0], x[:, 1]
+        f1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), LOWER).log() + 6
+        f2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), LOWER).log() + 6
+        c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
+        c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
+        f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+        f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+        return torch.stack([0.1 * (f1 * c1 + f1_sq * c2), f2 * c1 + f2_sq * c2], dim=1)
+
+    points = torch.tensor(SAMPLE_POINTS, dtype=torch.float64, requires_grad=True)
+    values = objectives(points)
+    rows = [torch.autograd.grad(values[:, i].sum(), points, retain_graph=True)[0] for i in (0, 1)]
+    expected = torch.stack(rows, dim=1).numpy()
+    np.testing.assert_allclose(toy_jacobian(points.detach().numpy(), 0.1), expected, atol=1e-12)
+
+
+def test_toy_run_shapes_and_start():
+    results = run_toy([METHODS["mgda"], METHODS["nashmtl"]], steps=30, record_every=10)
+    for result in results:
+        assert result.trajectories.shape == (len(STARTS), 4, 2)
+        np.testing.assert_array_equal(result.trajectories[:, 0], np.array(STARTS))
+        np.testing.assert_array_equal(result.trajectories[:, -1], result.final)
+        # Adam moves each coordinate by about lr per step (bounded by (1 - β1) / sqrt(1 - β2)
+        # times lr).
+        moved = np.abs(result.final - np.array(STARTS))
+        assert moved.min() > 0 and moved.max() <= 30 * 1e-3 * 0.1 / math.sqrt(0.001)
+    with pytest.raises(ValueError, match="UW is a loss weighting"):
+        run_toy([METHODS["uw"]], steps=1)
