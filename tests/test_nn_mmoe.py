@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from mtlgrad.aggregators import PCGrad, UPGrad
-from mtlgrad.nn import MMoE
-from tests.nn_checks import (
+from nn_checks import (
     check_gradient_flow,
     check_partition,
     check_step_matches_aggregation,
     check_training,
     regression_losses,
 )
+from torch import nn
+
+from mtlgrad.aggregators import PCGrad, UPGrad
+from mtlgrad.nn import MMoE
 
 TASKS = ["click", "like", "share"]
 

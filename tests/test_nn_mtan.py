@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from mtlgrad.aggregators import PCGrad, UPGrad
-from mtlgrad.nn import MTAN
-from tests.nn_checks import (
+from nn_checks import (
     check_gradient_flow,
     check_partition,
     check_step_matches_aggregation,
     check_training,
     regression_losses,
 )
+from torch import nn
+
+from mtlgrad.aggregators import PCGrad, UPGrad
+from mtlgrad.nn import MTAN
 
 TASKS = ["seg", "depth"]
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-import mtlgrad
-from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
-from mtlgrad.nn import MultiTaskModel
-from tests.nn_checks import (
+from nn_checks import (
     check_gradient_flow,
     check_partition,
     check_step_matches_aggregation,
     check_training,
     regression_losses,
 )
+from torch import nn
+
+import mtlgrad
+from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
+from mtlgrad.nn import MultiTaskModel
 
 TASKS = ["a", "b", "c"]
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from mtlgrad.aggregators import PCGrad, UPGrad
-from mtlgrad.nn import Sluice
-from tests.nn_checks import (
+from nn_checks import (
     check_gradient_flow,
     check_partition,
     check_step_matches_aggregation,
     check_training,
     regression_losses,
 )
+from torch import nn
+
+from mtlgrad.aggregators import PCGrad, UPGrad
+from mtlgrad.nn import Sluice
 
 TASKS = ["pos", "chunk"]
 WIDTH = 6

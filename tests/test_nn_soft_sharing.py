@@ -8,12 +8,12 @@ import itertools
 
 import pytest
 import torch
+from nn_checks import check_gradient_flow, check_partition, check_training, regression_losses
 from torch import nn
 
 import mtlgrad
 from mtlgrad.aggregators import UPGrad
 from mtlgrad.nn import SoftSharing
-from tests.nn_checks import check_gradient_flow, check_partition, check_training, regression_losses
 
 TASKS = ["a", "b", "c"]
 

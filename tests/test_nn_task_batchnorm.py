@@ -7,6 +7,13 @@ import copy
 
 import pytest
 import torch
+from nn_checks import (
+    check_gradient_flow,
+    check_partition,
+    check_step_matches_aggregation,
+    check_training,
+    regression_losses,
+)
 from torch import nn
 
 from mtlgrad.aggregators import PCGrad, UPGrad
@@ -16,13 +23,6 @@ from mtlgrad.nn import (
     convert_task_batchnorm,
     task_batchnorm_parameters,
     use_task,
-)
-from tests.nn_checks import (
-    check_gradient_flow,
-    check_partition,
-    check_step_matches_aggregation,
-    check_training,
-    regression_losses,
 )
 
 TASKS = ["day", "night"]
