@@ -273,6 +273,20 @@ def test_prox_lq_rows_are_independent_and_scale_covariant():
         torch.testing.assert_close(prox_block_sparse(s * W, s * 0.7, 3), s * P, rtol=1e-13, atol=0)
 
 
+def test_prox_lq_rows_on_the_threshold_to_rounding():
+    # ||W_i||_{q*} = step up to rounding: the exact prox has size O(eps) there, or is zero.
+    g = torch.Generator().manual_seed(5)
+    for q in (1.5, 3.0):
+        W = torch.randn(300, 5, generator=g, dtype=F64)
+        W = W / lq_norms(W, q / (q - 1)).unsqueeze(1)
+        P = prox_block_sparse(W, 1.0, q)
+        assert P.abs().max().item() <= 1e-13
+        far_below = prox_block_sparse(W * (1 - 1e-12), 1.0, q)
+        assert (far_below == 0).all()
+        above = prox_block_sparse(W * (1 + 1e-12), 1.0, q)
+        assert (above != 0).all() and above.abs().max().item() <= 1e-10
+
+
 def test_prox_lq_float32():
     W = random_matrix(2).float()
     q, step = 3.0, 0.6

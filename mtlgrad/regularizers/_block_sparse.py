@@ -149,6 +149,12 @@ def _prox_lq_rows(V: Tensor, step: float, q: float) -> Tensor:
     g, dg = evaluate(theta)
     lo, g_lo, dg_lo = theta[:, 0], g[:, 0], dg[:, 0]
     hi, g_hi, dg_hi = theta[:, 1], g[:, 1], dg[:, 1]
+    # G(0) <= 0 only by rounding, for a row at the threshold to the last ulp: θ = 0 is the root.
+    at_threshold = g_lo <= 0
+    hi, g_hi, dg_hi = (
+        torch.where(at_threshold, x_lo, x_hi)
+        for x_lo, x_hi in ((lo, hi), (g_lo, g_hi), (dg_lo, dg_hi))
+    )
     g_tol = 16 * q * _EPS
     for _ in range(_OUTER_MAX_ITER):
         done = (g_lo.abs() <= g_tol) | (g_hi.abs() <= g_tol) | (hi - lo <= 4 * _EPS * hi)
@@ -191,7 +197,9 @@ def prox_block_sparse(W: Tensor, step: float, q: float = 2) -> Tensor:
     ``argmin_P ½||P - W||_F² + step Σ_i ||P_i||_q``, row by row (the norm separates over rows),
     for every ``q >= 1`` and ``q = inf``. Row i is exactly zero iff ``||W_i||_{q*} <= step``, with
     ``q* = q / (q - 1)`` the dual exponent (Moreau: ``P_i = W_i - step Π(W_i / step)``, Π the
-    projection onto the unit ball of the dual norm).
+    projection onto the unit ball of the dual norm); for q other than 1, 2 and inf a row within
+    rounding of the threshold (``||W_i||_{q*} = step (1 + O(eps))``) may also come out zero, where
+    the exact answer is a vector of that size.
 
     Closed forms (exact, no iteration):
 
