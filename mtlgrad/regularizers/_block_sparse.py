@@ -88,8 +88,9 @@ def _solve_row_equation(
     convex (a log-sum-exp of affine functions) and increasing (slope between min(1, q-1) and
     max(1, q-1)), so Newton's method started above the root, at the smaller of the two one-term
     solutions, decreases monotonically to it and converges quadratically. Working in logs keeps
-    ``w^(q-1)`` in range for q close to 1 or large. Iterates until every step is below 4 ulp of
-    ``max(1, |u|)`` (or the cap); ``entries`` marks the a > 0 entries that count."""
+    ``w^(q-1)`` in range for q close to 1 or large. Iterates until, for every entry, the step is
+    below 4 ulp of ``max(1, |u|)`` or F below 4 ulp of ``max(1, |log a|)`` (or the cap);
+    ``entries`` marks the a > 0 entries that count."""
     qm1 = q - 1.0
     u = torch.minimum((log_a - log_lam) / qm1, log_a - log_theta)
     for _ in range(_INNER_MAX_ITER):
@@ -111,7 +112,8 @@ def _solve_row_equation(
 
 def _prox_lq_rows(V: Tensor, step: float, q: float) -> Tensor:
     """The prox of ``step ||·||_q`` on every row of V (float64, n x T) for a finite ``q > 1``;
-    every row must satisfy ``||V_i||_{q*} > step`` (the zero rows are handled by the caller).
+    every row must satisfy ``||V_i||_{q*} > step`` (the zero rows are handled by the caller; a row
+    for which that holds only to rounding gets θ = 0, a zero row).
 
     Finds θ = ||x||_q as the root of ``G(θ) = log ||w(θ)||_q^q`` (see :func:`prox_block_sparse`)
     inside a bracket [lo, hi] (initially [0, 2 ||v||_q], G(0) > 0 > G(2 ||v||_q)), from both
@@ -131,7 +133,7 @@ def _prox_lq_rows(V: Tensor, step: float, q: float) -> Tensor:
     log_a = torch.where(a > 0, a, torch.ones_like(a)).log().unsqueeze(1)
     log_lam = (step / scale).log().unsqueeze(2)  # (n, 1, 1); step / scale < T: no overflow
 
-    def evaluate(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def evaluate(theta: Tensor) -> tuple[Tensor, Tensor]:
         """G and dG/dθ at the candidates θ (n, k)."""
         th = theta.unsqueeze(2)
         u = _solve_row_equation(log_a, log_lam, th.log(), q, entries)
