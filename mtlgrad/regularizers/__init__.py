@@ -1,7 +1,8 @@
 """Multi-task regularisers on stacked task parameters.
 
-- :func:`block_sparse_norm` and its proximal operator :func:`prox_block_sparse`: l1/lq
-  (l2,1) joint feature selection across tasks (Argyriou et al. 2008; Liu, Ji & Ye 2009).
+- :func:`block_sparse_norm` and its proximal operator :func:`prox_block_sparse` (every
+  ``q >= 1``): l1/lq (l2,1) joint feature selection across tasks (Argyriou et al. 2008; Liu, Ji
+  & Ye 2009; Liu & Ye 2010).
 - :func:`trace_norm` and :func:`l2_coupling`: soft parameter sharing between task networks
   (Yang & Hospedales 2017; Duong et al. 2015), used by :class:`mtlgrad.nn.SoftSharing`.
 - :func:`stack_task_weights`: one tensor per task into the d x T matrix the norms act on.
