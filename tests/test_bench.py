@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from mtlgrad import cli
-from mtlgrad.bench import _harness
+from mtlgrad.bench import _harness, _peers
 
 
 def test_timer_warms_up_then_takes_the_median() -> None:
@@ -183,3 +184,19 @@ def test_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     assert "invalid choice: 'everything'" in capsys.readouterr().err
     assert bench(["kernels", "--repeat", "0"], monkeypatch) == 2
     assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_peer_that_cannot_be_imported_is_told_apart_from_a_missing_one(monkeypatch):
+    real_import = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "LibMTL.weighting":
+            raise ModuleNotFoundError(
+                "No module named 'torchvision.models.utils'", name="torchvision.models.utils"
+            )
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_peers.importlib, "import_module", fake_import)
+    note = _peers.detect()["LibMTL"]["note"]
+    assert note.startswith("installed but cannot be imported (ModuleNotFoundError:"), note
+    assert "torchvision.models.utils" in note

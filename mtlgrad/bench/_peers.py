@@ -10,7 +10,9 @@ from typing import Any
 # peer -> (module to import, distribution name, how to install)
 PEERS = {
     "TorchJD": ("torchjd.aggregation", "torchjd", 'pip install "mtlgrad[compare]"'),
-    "LibMTL": ("LibMTL.weighting", "LibMTL", "pip install LibMTL"),
+    # LibMTL 1.1.5 (the release on PyPI) imports torchvision.models.utils, gone since
+    # torchvision 0.13: with a current torch it installs but cannot be imported.
+    "LibMTL": ("LibMTL.weighting", "LibMTL", "pip install LibMTL, with a torchvision < 0.13"),
 }
 
 
@@ -21,7 +23,11 @@ def detect() -> dict[str, dict[str, Any]]:
         try:
             importlib.import_module(module)
         except Exception as error:  # noqa: BLE001  (ImportError, or a broken install)
-            reason = "not installed" if isinstance(error, ImportError) else f"broken ({error})"
+            reason = (
+                "not installed"
+                if _is_missing(error, module)
+                else f"installed but cannot be imported ({type(error).__name__}: {error})"
+            )
             found[name] = {
                 "installed": False,
                 "version": None,
@@ -33,6 +39,14 @@ def detect() -> dict[str, dict[str, Any]]:
         except PackageNotFoundError:
             found[name] = {"installed": True, "version": "unknown", "note": ""}
     return found
+
+
+def _is_missing(error: Exception, module: str) -> bool:
+    """Whether ``error`` says that ``module`` itself (or a parent package) is absent, rather
+    than something it imports."""
+    parts = module.split(".")
+    parents = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return isinstance(error, ModuleNotFoundError) and error.name in parents
 
 
 def status(peers: dict[str, dict[str, Any]], name: str) -> str:
