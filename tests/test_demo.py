@@ -3,6 +3,7 @@ their published definitions, and Δm against hand-computed values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -15,11 +16,12 @@ import torch
 
 from mtlgrad.cli import main
 from mtlgrad.demo import DEFAULT_METHODS, DEFAULT_TOY_METHODS
-from mtlgrad.demo._methods import METHODS, resolve_methods
+from mtlgrad.demo._methods import GRADNORM_LR, METHODS, Method, resolve_methods
 from mtlgrad.demo._metrics import delta_m
-from mtlgrad.demo._problem import DemoModel, make_problem
+from mtlgrad.demo._problem import DemoModel, make_problem, task_loss
 from mtlgrad.demo._toy import STARTS, run_toy, toy_jacobian, toy_losses
-from mtlgrad.demo._train import TrainConfig, train
+from mtlgrad.demo._train import TrainConfig, _batches, epoch_length, train
+from mtlgrad.weighting import DWA, FAMO, GradNorm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,12 +57,15 @@ def test_demo_quick(tmp_path, capsys):
     methods = {row["method"]: row for row in report["methods"]}
     assert list(methods) == labels
     assert methods["Sum"]["delta_m_percent"] == 0.0
-    assert methods["UW"]["conflicts"] is None
+    loss_based = {METHODS[key].label for key in DEFAULT_METHODS if METHODS[key].loss_based}
+    assert loss_based == {"UW", "GradNorm", "DWA", "FAMO"}
     tasks = report["tasks"]
     for label, row in methods.items():
         assert len(row["test_metrics"]) == len(tasks)
         assert all(math.isfinite(v) for v in row["test_metrics"])
-        if label != "UW":
+        if label in loss_based:
+            assert row["conflicts"] is None
+        else:
             assert 0.0 <= row["conflicts"] <= 1.0
         # Δm in the file agrees with the metrics in the file.
         expected = delta_m(
@@ -78,18 +83,133 @@ def test_demo_subset_adds_the_baseline(tmp_path, capsys):
     assert "baseline" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("key", ["gradnorm", "dwa", "famo"])
+def test_loss_weighting_quick(key, tmp_path, capsys):
+    assert main(["demo", "--quick", "--methods", key, "--out", str(tmp_path)]) == 0
+    check_outputs(tmp_path, "demo")
+    label = METHODS[key].label
+    rows = markdown_rows(tmp_path / "demo.md")
+    assert [row[0] for row in rows] == ["Sum", label]
+    assert rows[1][-1] == "-"  # no task gradients aggregated: no conflicts
+    assert f"\n{label} " in capsys.readouterr().out
+    report = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))
+    row = report["methods"][1]
+    assert row["method"] == label and row["conflicts"] is None
+    values = row["test_metrics"] + row["test_losses"] + row["final_weights"]
+    assert len(row["final_weights"]) == len(report["tasks"])
+    assert all(math.isfinite(v) for v in values + [row["delta_m_percent"], row["ms_per_step"]])
+    assert row["ms_per_step"] > 0
+
+
+def built(key: str) -> tuple[Method, list]:
+    """The method, with its weighting kept once built (to read its state after training)."""
+    made: list = []
+
+    def make_weighting(model, tasks, seed):
+        made.append(METHODS[key].make_weighting(model, tasks, seed))
+        return made[-1]
+
+    return dataclasses.replace(METHODS[key], make_weighting=make_weighting), made
+
+
+@pytest.fixture(scope="module")
+def problem_and_init():
+    problem = make_problem(0)
+    torch.manual_seed(0)
+    return problem, DemoModel(problem).state_dict()
+
+
+def test_famo_updates_after_every_step(problem_and_init):
+    problem, init = problem_and_init
+    method, made = built("famo")
+    result = train(method, problem, init, TrainConfig(steps=20, evaluations=2))
+    famo = made[0]
+    assert isinstance(famo, FAMO)
+    assert int(famo.num_updates) == 20  # update called once per step
+    assert famo.logits.abs().min() > 0  # moved away from the initial zeros
+    assert result.weights is not None and sum(result.weights) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_famo_update_sees_the_same_batch_after_the_step(problem_and_init):
+    # One step by hand: FAMO's logits after the loop's step equal those from the losses of the
+    # first batch before and after that step.
+    problem, init = problem_and_init
+    method, made = built("famo")
+    config = TrainConfig(steps=1, evaluations=1)
+    train(method, problem, init, config)
+
+    model = DemoModel(problem)
+    model.load_state_dict(init)
+    index = next(_batches(problem.train_inputs.shape[0], config.batch_size, config.seed))
+
+    def losses() -> list[torch.Tensor]:
+        predictions = model(problem.train_inputs[index])
+        return [
+            task_loss(task, p, y[index])
+            for task, p, y in zip(problem.tasks, predictions, problem.train_targets)
+        ]
+
+    famo = FAMO(len(problem.tasks))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    famo(losses()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        famo.update(losses())
+    torch.testing.assert_close(made[0].logits, famo.logits, rtol=0, atol=0)
+
+
+def test_dwa_ends_an_epoch_every_pass_over_the_training_set(problem_and_init):
+    problem, init = problem_and_init
+    per_epoch = epoch_length(problem.train_inputs.shape[0], 128)
+    assert per_epoch == 2048 // 128
+    method, made = built("dwa")
+    steps = 2 * per_epoch + 5
+    result = train(method, problem, init, TrainConfig(steps=steps, evaluations=2))
+    dwa = made[0]
+    assert isinstance(dwa, DWA)
+    assert int(dwa.num_epochs) == 2 and int(dwa.num_steps) == 5
+    # From the third epoch on, the weights are DWA's softmax of the loss ratios: not all 1, sum T.
+    weights = dwa.epoch_weights
+    assert (weights - 1).abs().max() > 1e-4
+    assert float(weights.sum()) == pytest.approx(len(problem.tasks))
+    np.testing.assert_allclose(result.weights, weights.numpy(), rtol=1e-6)
+
+
+def test_gradnorm_weights_train_at_their_own_rate(problem_and_init):
+    problem, init = problem_and_init
+    method, made = built("gradnorm")
+    steps = 30
+    result = train(method, problem, init, TrainConfig(steps=steps, evaluations=2))
+    gradnorm = made[0]
+    assert isinstance(gradnorm, GradNorm) and gradnorm.alpha == 1.5
+    assert gradnorm.shared_params[0].shape == (64, 64)  # the trunk's last layer
+    # Adam moves a weight by about lr per step at most, and the renormalisation to sum T rescales
+    # them by little: at the model's 1e-3 the weights stay within about 2 x 30 x 1e-3 = 0.06 of 1
+    # (0.047 measured); GradNorm's own rate moves one of them by far more.
+    moved = max(abs(w - 1) for w in result.weights)
+    assert 0.3 < moved <= 2 * steps * GRADNORM_LR
+    assert sum(result.weights) == pytest.approx(len(problem.tasks), rel=1e-5)
+
+
+def test_method_needs_exactly_one_factory():
+    with pytest.raises(ValueError, match="exactly one of make"):
+        Method("x", "X")
+    with pytest.raises(ValueError, match="exactly one of make"):
+        Method("x", "X", make=METHODS["sum"].make, make_weighting=METHODS["uw"].make_weighting)
+
+
 def test_training_is_deterministic():
     # Same seed: same data, initialisation, batches and random draws (PCGrad's order).
     problem = make_problem(1)
     torch.manual_seed(1)
     init = DemoModel(problem).state_dict()
     config = TrainConfig(steps=6, evaluations=2, seed=1)
-    for key in ("sum", "pcgrad", "uw"):
+    for key in ("sum", "pcgrad", "uw", "gradnorm", "famo"):
         a = train(METHODS[key], problem, init, config)
         b = train(METHODS[key], problem, init, config)
-        assert a.metrics == b.metrics and a.curves == b.curves
+        assert a.metrics == b.metrics and a.curves == b.curves and a.weights == b.weights
         assert a.eval_steps == [3, 6]
-        if key == "uw":
+        if METHODS[key].loss_based:
             assert a.cosines is None and a.conflicts is None
         else:
             assert len(a.cosines) == 2 and a.cosines[0].shape == (5, 5)
@@ -158,9 +278,9 @@ def test_unknown_method(tmp_path, capsys):
 
 
 def test_toy_refuses_loss_weighting(tmp_path, capsys):
-    assert main(["demo", "toy", "--methods", "mgda,uw", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "toy", "--methods", "mgda,uw,famo", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "unknown method 'uw'" in err and "loss weighting" in err
+    assert "unknown methods 'uw', 'famo'" in err and "loss weighting" in err
 
 
 def test_scale_is_for_the_toy(tmp_path, capsys):

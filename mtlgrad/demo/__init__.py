@@ -21,7 +21,10 @@ from pathlib import Path
 
 __all__ = ["configure_parser", "run"]
 
-DEFAULT_METHODS = ("sum", "mean", "pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "imtlg", "uw")
+DEFAULT_METHODS = (
+    *("sum", "mean", "pcgrad", "mgda", "cagrad", "upgrad", "nashmtl", "imtlg"),
+    *("uw", "gradnorm", "dwa", "famo"),
+)
 DEFAULT_TOY_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nashmtl", "upgrad", "imtlg")
 # (default, --quick) steps
 STEPS = {"mtl": (4000, 60), "toy": (35000, 400)}
@@ -32,8 +35,9 @@ examples:
   mtlgrad demo --methods sum,pcgrad,nash-mtl,uw  a subset (Sum, the Δm baseline, is always run)
   mtlgrad demo toy --out figures                 CAGrad's toy problem, 5 starting points
 
-methods: sum, mean, pcgrad, mgda, cagrad, upgrad, nashmtl, imtlg, uw (uncertainty weighting;
-not on the toy), and by name only: dualproj, alignedmtl, config, gradvac, graddrop, rlw.
+methods: sum, mean, pcgrad, mgda, cagrad, upgrad, nashmtl, imtlg, uw (uncertainty weighting),
+and by name only: dualproj, alignedmtl, config, gradvac, graddrop, rlw, and the loss weightings
+gradnorm, dwa, famo. The loss weightings (uw, gradnorm, dwa, famo) are not run on the toy.
 """
 
 
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         methods = resolve_methods(names, allowed)
     except ValueError as error:
-        hint = " (uw is a loss weighting, not run on the toy)" if toy else ""
+        weightings = ", ".join(key for key, m in METHODS.items() if m.loss_based)
+        hint = f" ({weightings}: loss weightings, not run on the toy)" if toy else ""
         return _error(f"--methods: {error}{hint}")
     default_steps, quick_steps = STEPS["toy" if toy else "mtl"]
     steps = args.steps or (quick_steps if args.quick else default_steps)

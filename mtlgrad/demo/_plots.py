@@ -22,13 +22,20 @@ __all__ = ["plot_demo", "plot_toy"]
 
 HEAT_COLUMNS = 4
 LINE_STYLES = ("-", "--")
+PALETTE = 10  # tab10
+
+
+def _line_style(k: int) -> str:
+    """Line ``k``'s style: alternating, shifted by one on each turn of the palette, so that the
+    first 2 x 10 lines all differ in colour or style."""
+    return LINE_STYLES[(k + k // PALETTE) % len(LINE_STYLES)]
 
 
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    return [cmap(i % PALETTE) for i in range(n)]
 
 
 def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path) -> None:
@@ -53,7 +60,7 @@ def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path
                 result.eval_steps,
                 values,
                 color=color,
-                linestyle=LINE_STYLES[k % len(LINE_STYLES)],
+                linestyle=_line_style(k),
                 label=result.method.label,
                 lw=1.5,
             )

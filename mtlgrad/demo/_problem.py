@@ -141,6 +141,11 @@ class DemoModel(nn.Module):
         )
         self.heads = nn.ModuleList(nn.Linear(hidden, task.outputs) for task in problem.tasks)
 
+    @property
+    def last_shared_layer(self) -> nn.Linear:
+        """The trunk's last linear layer (GradNorm's ``W``)."""
+        return self.trunk[2]
+
     def forward(self, x: Tensor) -> list[Tensor]:
         z = self.trunk(x)
         return [head(z) for head in self.heads]

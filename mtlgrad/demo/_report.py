@@ -23,7 +23,7 @@ DEMO_NOTES = (
     "lower is better, negative = better than Sum.",
     "ms/step: wall time of a training step (forward, per-task backward, aggregation, Adam). "
     "conflicts: mean fraction of task pairs with a negative gradient cosine on the trunk "
-    "('-': uncertainty weighting forms no task gradients).",
+    "('-': a loss weighting such as UW aggregates no task gradients).",
 )
 
 

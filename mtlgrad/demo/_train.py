@@ -13,9 +13,9 @@ from mtlgrad.demo._methods import Method
 from mtlgrad.demo._metrics import evaluate
 from mtlgrad.demo._problem import DemoModel, DemoProblem, task_loss
 from mtlgrad.optim import MTLOptimizer
-from mtlgrad.weighting import UncertaintyWeighting
+from mtlgrad.weighting import LossWeighting
 
-__all__ = ["MethodResult", "TrainConfig", "train"]
+__all__ = ["MethodResult", "TrainConfig", "epoch_length", "train"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,12 @@ class MethodResult:
         eval_steps: the steps after which the test set was evaluated.
         curves: test metric per evaluation (rows) and task (columns).
         cosines: per evaluation, the mean T x T task-gradient cosines over the steps since the
-            previous one (from each step's record; ``None`` for uncertainty weighting).
+            previous one (from each step's record; ``None`` for the loss weightings).
         conflicts: mean fraction of conflicting task pairs over all steps (``None`` when the
-            method does not compute the Gram matrix).
-        ms_per_step: mean wall time of a training step (forward, backward, aggregation,
-            optimizer step), evaluations excluded.
+            method does not compute the Gram matrix: the loss weightings).
+        ms_per_step: mean wall time of a training step (forward, backward, aggregation or
+            weighting with its hooks, optimizer step), evaluations excluded.
+        weights: the task weights of the last step (the aggregator's, or the weighting's).
     """
 
     method: Method
@@ -68,13 +69,36 @@ class MethodResult:
         }
 
 
+def epoch_length(size: int, batch_size: int) -> int:
+    """Steps per epoch (one pass over the training set): :func:`_batches` drops the last partial
+    batch."""
+    if not 0 < batch_size <= size:
+        raise ValueError(f"batch_size must be in [1, {size}] (the training set), got {batch_size}")
+    return size // batch_size
+
+
 def _batches(size: int, batch_size: int, seed: int):
     """An endless stream of index batches: shuffled epochs, the same order for every method."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(size, generator=gen)
-        for start in range(0, size - batch_size + 1, batch_size):
+        for start in range(0, epoch_length(size, batch_size) * batch_size, batch_size):
             yield order[start : start + batch_size]
+
+
+def _optimizer(
+    method: Method, model: DemoModel, weighting: LossWeighting | None, lr: float
+) -> torch.optim.Optimizer:
+    """Adam on the model, plus a parameter group for the weighting's own parameters (at
+    ``method.weighting_lr`` when set)."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    weighting_params = [] if weighting is None else list(weighting.parameters())
+    if weighting_params:
+        group: dict[str, Any] = {"params": weighting_params}
+        if method.weighting_lr is not None:
+            group["lr"] = method.weighting_lr
+        groups.append(group)
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def train(
@@ -87,26 +111,45 @@ def train(
     """Trains the demo model from ``init_state`` with ``method`` and Adam, for ``config.steps``.
 
     Gradient methods run through :class:`~mtlgrad.optim.MTLOptimizer` with the trunk as the
-    shared parameters (each head gets its own task's gradient); uncertainty weighting
-    backpropagates ``weighting(losses)`` with its log-variances in the optimizer.
+    shared parameters (each head gets its own task's gradient). Loss weightings backpropagate
+    ``weighting(losses)``; their parameters (UW's log-variances, GradNorm's weights) are a
+    parameter group of Adam, and the loop calls the hooks a weighting has:
+
+    - ``update(new_losses)`` after each ``optimizer.step()``, with the losses of the same batch
+      at the new parameters (one extra forward without gradient; FAMO), counted in ms/step;
+    - ``end_epoch()`` after the last step of each epoch, one pass over the training set
+      (``train_size // batch_size`` steps; DWA).
     """
     model = DemoModel(problem)
     model.load_state_dict(init_state)
     tasks = problem.tasks
-    T = len(tasks)
     names = [task.name for task in tasks]
-    adam_params = list(model.parameters())
-    weighting = None
-    if method.loss_based:
-        weighting = UncertaintyWeighting(T, kinds=[task.kind for task in tasks])
-        adam_params += list(weighting.parameters())
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(adam_params, lr=config.lr)
+    weighting: LossWeighting | None = None
+    update: Callable[[dict[str, Tensor]], None] | None = None
+    end_epoch: Callable[[], Any] | None = None
+    if method.make_weighting is not None:
+        weighting = method.make_weighting(model, list(tasks), config.seed)
+        update = getattr(weighting, "update", None)
+        end_epoch = getattr(weighting, "end_epoch", None)
+        optimizer: torch.optim.Optimizer | MTLOptimizer = _optimizer(
+            method, model, weighting, config.lr
+        )
     else:
+        assert method.make is not None
         optimizer = MTLOptimizer(
-            torch.optim.Adam(adam_params, lr=config.lr),
+            _optimizer(method, model, None, config.lr),
             method.make(config.seed),
             shared_params=model.trunk.parameters(),
         )
+
+    def batch_losses(index: Tensor) -> dict[str, Tensor]:
+        predictions = model(problem.train_inputs[index])
+        return {
+            name: task_loss(task, prediction, target[index])
+            for name, task, prediction, target in zip(
+                names, tasks, predictions, problem.train_targets
+            )
+        }
 
     result = MethodResult(method)
     every = max(1, config.steps // max(1, config.evaluations))
@@ -116,24 +159,30 @@ def train(
     conflict_sum, conflict_count = 0.0, 0
     cosines: list[Tensor] = []
     elapsed = 0.0
-    batches = _batches(problem.train_inputs.shape[0], config.batch_size, config.seed)
+    size = problem.train_inputs.shape[0]
+    per_epoch = epoch_length(size, config.batch_size)
+    batches = _batches(size, config.batch_size, config.seed)
+    record = None
+    final_weights = torch.empty(0)
     for step in range(1, config.steps + 1):
         index = next(batches)
         start = time.perf_counter()
-        predictions = model(problem.train_inputs[index])
-        losses = {
-            name: task_loss(task, prediction, target[index])
-            for name, task, prediction, target in zip(
-                names, tasks, predictions, problem.train_targets
-            )
-        }
+        losses = batch_losses(index)
         optimizer.zero_grad()
         if weighting is not None:
             weighting(losses).backward()
-            record = None
+            if step == config.steps:
+                # A copy: a weighting's ``weights`` may share memory with its parameters, which
+                # the step below changes.
+                final_weights = weighting.weights.clone()
         else:
             record = optimizer.backward(losses)
         optimizer.step()
+        if update is not None:
+            with torch.no_grad():
+                update(batch_losses(index))
+        if end_epoch is not None and step % per_epoch == 0:
+            end_epoch()
         elapsed += time.perf_counter() - start
 
         if record is not None and record.gram is not None:
@@ -157,7 +206,7 @@ def train(
         result.conflicts = conflict_sum / conflict_count
         result.cosines = cosines
     if weighting is not None:
-        result.weights = weighting.weights.tolist()
+        result.weights = final_weights.tolist()
     elif record is not None and record.weights is not None:
         result.weights = record.weights.tolist()
     return result
