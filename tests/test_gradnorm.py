@@ -118,6 +118,17 @@ def test_renormalize_clips_and_rescales() -> None:
     torch.testing.assert_close(weighting.task_weights.data, torch.ones(3))
 
 
+def test_weights_are_the_ones_used_not_the_stepped_parameters() -> None:
+    model, x, ys = small_problem()
+    weighting = GradNorm(3, model.last_shared).double()
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.5)
+    weighting(model.losses(x, ys)).backward()
+    used = weighting.weights.clone()
+    optimizer.step()  # moves task_weights; the record of the call must not move with them
+    assert not torch.equal(weighting.task_weights.detach(), used)
+    assert torch.equal(weighting.weights, used)
+
+
 def test_gradient_accumulates_and_eval_mode_only_weights() -> None:
     model, x, ys = small_problem()
     weighting = GradNorm(3, model.last_shared).double()

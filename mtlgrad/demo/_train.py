@@ -172,9 +172,7 @@ def train(
         if weighting is not None:
             weighting(losses).backward()
             if step == config.steps:
-                # A copy: a weighting's ``weights`` may share memory with its parameters, which
-                # the step below changes.
-                final_weights = weighting.weights.clone()
+                final_weights = weighting.weights
         else:
             record = optimizer.backward(losses)
         optimizer.step()

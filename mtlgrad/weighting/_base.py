@@ -91,8 +91,8 @@ class LossWeighting(nn.Module):
 
     def _weighted_sum(self, stacked: Tensor, weights: Tensor) -> Tensor:
         """``Σ_t w_t L_t`` with constant weights (cast to the losses' dtype and device); records
-        them in ``weights``."""
-        weights = weights.detach().to(dtype=stacked.dtype, device=stacked.device)
+        them in ``weights`` (a copy: learnable weights change at the optimizer's step)."""
+        weights = weights.detach().to(dtype=stacked.dtype, device=stacked.device, copy=True)
         self.weights = weights
         return (weights * stacked).sum()
 
