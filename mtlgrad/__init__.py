@@ -10,9 +10,10 @@ _C = _load_extension()
 
 from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
     aggregators,
+    diagnostics,
     nn,
     ops,
-    optim,  # noqa: E402  (after step, which it uses)
+    optim,
     regularizers,
     weighting,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "aggregators",
     "backward",
     "combine",
+    "diagnostics",
     "gram",
     "nn",
     "ops",
