@@ -93,6 +93,8 @@ def _batched(
     losses: Sequence[Tensor], inputs: Sequence[Tensor], retain_graph: bool, batch_size: int | None
 ) -> list[list[Tensor | None]]:
     T = len(losses)
+    if not inputs:  # nothing to differentiate (e.g. no shared parameters)
+        return [[] for _ in range(T)]
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
     step = T if batch_size is None else max(1, batch_size)

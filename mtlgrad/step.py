@@ -228,18 +228,14 @@ def backward(
     keep_graph = (
         retain_graph or feature_list is not None or (engine == "batched" and bool(all_heads))
     )
-    if K == 0 and engine == "batched":
-        # Nothing shared: no task gradient to batch; the heads follow below.
-        per_task, head_grads = [[] for _ in range(T)], []
-    else:
-        per_task, head_grads = task_gradients(
-            values_for_grad,
-            level,
-            engine=engine,
-            retain_graph=keep_graph,
-            batch_size=batch_size,
-            task_inputs=heads,
-        )
+    per_task, head_grads = task_gradients(
+        values_for_grad,
+        level,
+        engine=engine,
+        retain_graph=keep_graph,
+        batch_size=batch_size,
+        task_inputs=heads,
+    )
 
     # Inputs no task reaches keep .grad None; an input some tasks miss counts as zero for them.
     used = [k for k in range(K) if any(per_task[t][k] is not None for t in range(T))]
