@@ -4,7 +4,7 @@ The native ops (``mtlgrad.ops``) compute the Gram matrix of the task gradients a
 of them over a whole model's gradient lists in one pass each, on CPU and CUDA.
 """
 
-from mtlgrad._extension import load as _load_extension
+from mtlgrad.ops._extension import load as _load_extension
 
 _C = _load_extension()
 
@@ -15,6 +15,8 @@ from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
     ops,
     optim,
     regularizers,
+    solvers,
+    step,
     weighting,
 )
 from mtlgrad.ops import NonFiniteGradientError, combine, gram  # noqa: E402
@@ -34,5 +36,7 @@ __all__ = [
     "ops",
     "optim",
     "regularizers",
+    "solvers",
+    "step",
     "weighting",
 ]

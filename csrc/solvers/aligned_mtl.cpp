@@ -59,6 +59,10 @@ at::Tensor aligned_mtl_weights(const at::Tensor& gram, c10::string_view scale_mo
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  m.def("aligned_mtl_weights(Tensor gram, str scale_mode) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("aligned_mtl_weights", &aligned_mtl_weights); }
 
 }  // namespace mtlgrad::solvers

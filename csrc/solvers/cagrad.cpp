@@ -370,6 +370,10 @@ at::Tensor cagrad_weights(const at::Tensor& gram, double c, int64_t rescale) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  m.def("cagrad_weights(Tensor gram, float c, int rescale) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("cagrad_weights", &cagrad_weights); }
 
 }  // namespace mtlgrad::solvers

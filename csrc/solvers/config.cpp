@@ -49,6 +49,8 @@ at::Tensor config_weights(const at::Tensor& gram) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) { m.def("config_weights(Tensor gram) -> Tensor weights"); }
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("config_weights", &config_weights); }
 
 }  // namespace mtlgrad::solvers

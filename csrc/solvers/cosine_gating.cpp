@@ -35,6 +35,11 @@ at::Tensor cosine_gating_weights(const at::Tensor& gram, int64_t main, bool weig
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `main` is the index of the main task.
+  m.def("cosine_gating_weights(Tensor gram, int main, bool weighted) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("cosine_gating_weights", &cosine_gating_weights); }
 
 }  // namespace mtlgrad::solvers

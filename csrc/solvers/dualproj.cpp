@@ -30,6 +30,11 @@ at::Tensor dualproj_weights(const at::Tensor& gram, double reg_eps) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `reg_eps` is added to the diagonal of G / trace(G) (TorchJD's convention); 0 solves exactly.
+  m.def("dualproj_weights(Tensor gram, float reg_eps) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("dualproj_weights", &dualproj_weights); }
 
 }  // namespace mtlgrad::solvers

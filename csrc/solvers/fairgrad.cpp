@@ -124,6 +124,8 @@ at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) { m.def("fairgrad_weights(Tensor gram, float alpha) -> Tensor weights"); }
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("fairgrad_weights", &fairgrad_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -37,6 +37,11 @@ at::Tensor gradient_matching_weights(const at::Tensor& gram, int64_t main) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `main` is the index of the main task.
+  m.def("gradient_matching_weights(Tensor gram, int main) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("gradient_matching_weights", &gradient_matching_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -75,6 +75,13 @@ std::tuple<at::Tensor, at::Tensor> gradvac_weights(const at::Tensor& gram, const
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // Returns the weights and the updated T x T EMA targets (the input targets are not modified).
+  m.def(
+      "gradvac_weights(Tensor gram, Tensor targets, float beta, int seed) -> (Tensor weights, Tensor "
+      "targets)");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("gradvac_weights", &gradvac_weights); }
 
 }  // namespace mtlgrad::solvers

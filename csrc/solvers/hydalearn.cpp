@@ -34,6 +34,11 @@ at::Tensor hydalearn_weights(const at::Tensor& gram, int64_t main) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `main` is the index of the main task.
+  m.def("hydalearn_weights(Tensor gram, int main) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("hydalearn_weights", &hydalearn_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -126,6 +126,8 @@ at::Tensor imtlg_weights(const at::Tensor& gram) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) { m.def("imtlg_weights(Tensor gram) -> Tensor weights"); }
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("imtlg_weights", &imtlg_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -89,6 +89,11 @@ at::Tensor mgda_weights(const at::Tensor& gram, c10::string_view normalization_v
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `normalization`: 'none', 'l2', 'loss' or 'loss+'; the last two need `losses` (T values).
+  m.def("mgda_weights(Tensor gram, str normalization, Tensor? losses) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("mgda_weights", &mgda_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <limits>
 #include <tuple>
 
@@ -229,10 +230,10 @@ Vector ccp_step(const Matrix& G, const Vector& at, const Vector& star) {
   return barrier_solve(G, c, interior);
 }
 
-// Returns (alpha, weights). `start` (empty, or T values) is the previous call's α in the gradients'
+// Returns (alpha, weights). `start` (None, or T values) is the previous call's α in the gradients'
 // scale: the iterations start there (the official code's warm start). optim_niter == 0 reuses
 // `start` as α. weights = α, scaled down so that ||Jᵀ w|| <= max_norm when max_norm > 0.
-std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, const at::Tensor& start,
+std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, const std::optional<at::Tensor>& start_or_none,
                                                     int64_t optim_niter, double max_norm) {
   const char* op = "mtlgrad.nash_mtl_weights";
   const Matrix original = gram_matrix(gram, op);
@@ -240,13 +241,15 @@ std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, cons
   TORCH_CHECK_VALUE(optim_niter >= 0, op, ": optim_niter must be non-negative, got ", optim_niter);
   TORCH_CHECK_VALUE(max_norm >= 0 && std::isfinite(max_norm), op, ": max_norm must be non-negative, got ",
                     max_norm);
-  TORCH_CHECK_VALUE(start.numel() == 0 || (start.dim() == 1 && start.size(0) == T), op,
-                    ": the starting weights must be empty or hold one value per task (", T, "), got shape ",
+  const at::Tensor start = start_or_none.has_value() ? *start_or_none : at::Tensor();
+  const int64_t given = start.defined() ? start.numel() : 0;
+  TORCH_CHECK_VALUE(given == 0 || (start.dim() == 1 && start.size(0) == T), op,
+                    ": the starting weights must be None or hold one value per task (", T, "), got shape ",
                     start.sizes());
-  TORCH_CHECK_VALUE(optim_niter > 0 || start.numel() == T, op,
+  TORCH_CHECK_VALUE(optim_niter > 0 || given == T, op,
                     ": reusing the weights (optim_niter = 0) needs the previous weights");
   Vector previous;
-  if (start.numel() > 0) {
+  if (given > 0) {
     const at::Tensor s = start.to(at::kDouble).contiguous();
     previous.assign(s.data_ptr<double>(), s.data_ptr<double>() + T);
   }
@@ -316,6 +319,13 @@ std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, cons
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // (alpha, weights); `start` is the previous alpha (or None), optim_niter = 0 reuses it.
+  m.def(
+      "nash_mtl_weights(Tensor gram, Tensor? start, int optim_niter, float max_norm) -> (Tensor alpha, Tensor "
+      "weights)");
+}
 
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("nash_mtl_weights", &nash_mtl_weights); }
 

@@ -46,6 +46,11 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `seed` drives the random order of the projections (drawn from a torch.Generator by the caller).
+  m.def("pcgrad_weights(Tensor gram, int seed) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("pcgrad_weights", &pcgrad_weights); }
 
 }  // namespace mtlgrad::solvers

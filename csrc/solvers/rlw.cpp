@@ -39,6 +39,11 @@ at::Tensor rlw_weights(const at::Tensor& gram, int64_t seed) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `seed` drives the normal draws (drawn from a torch.Generator by the caller).
+  m.def("rlw_weights(Tensor gram, int seed) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("rlw_weights", &rlw_weights); }
 
 }  // namespace mtlgrad::solvers

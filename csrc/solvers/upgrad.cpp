@@ -48,6 +48,11 @@ at::Tensor upgrad_weights(const at::Tensor& gram, double reg_eps) {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
+  // `reg_eps` is added to the diagonal of G / trace(G) (TorchJD's convention); 0 solves exactly.
+  m.def("upgrad_weights(Tensor gram, float reg_eps) -> Tensor weights");
+}
+
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("upgrad_weights", &upgrad_weights); }
 
 }  // namespace mtlgrad::solvers

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_choice
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -46,4 +46,4 @@ class AlignedMTL(GramAggregator):
         return {"scale_mode": self.scale_mode}
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.aligned_mtl_weights(G, self.scale_mode)
+        return torch.ops.mtlgrad.aligned_mtl_weights(G, self.scale_mode)

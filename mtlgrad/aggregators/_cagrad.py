@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_nonnegative
 
 
@@ -57,4 +57,4 @@ class CAGrad(GramAggregator):
         return {"c": self.c, "rescale": self.rescale}
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.cagrad_weights(G, self.c, self.rescale)
+        return torch.ops.mtlgrad.cagrad_weights(G, self.c, self.rescale)

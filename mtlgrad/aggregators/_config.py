@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator
 
 
@@ -34,4 +34,4 @@ class ConFIG(GramAggregator):
     """
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.config_weights(G)
+        return torch.ops.mtlgrad.config_weights(G)

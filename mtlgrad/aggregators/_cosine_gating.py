@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_main_task
 
 
@@ -33,7 +33,7 @@ class CosineGating(GramAggregator):
 
     def _weights(self, G: Tensor) -> Tensor:
         check_main_task(self.main, G.shape[0], "CosineGating")
-        return _solvers.cosine_gating_weights(G, self.main, self.weighted)
+        return torch.ops.mtlgrad.cosine_gating_weights(G, self.main, self.weighted)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"main": self.main, "weighted": self.weighted}

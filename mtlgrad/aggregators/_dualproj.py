@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_nonnegative
 
 
@@ -33,4 +33,4 @@ class DualProj(GramAggregator):
         return {"reg_eps": self.reg_eps}
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.dualproj_weights(G, self.reg_eps)
+        return torch.ops.mtlgrad.dualproj_weights(G, self.reg_eps)

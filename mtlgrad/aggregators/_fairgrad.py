@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_positive
 
 
@@ -48,4 +48,4 @@ class FairGrad(GramAggregator):
         return {"alpha": self.alpha}
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.fairgrad_weights(G, self.alpha)
+        return torch.ops.mtlgrad.fairgrad_weights(G, self.alpha)

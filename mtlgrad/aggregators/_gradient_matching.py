@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_main_task
 
 
@@ -40,4 +40,4 @@ class GradientMatching(GramAggregator):
 
     def _weights(self, G: Tensor) -> Tensor:
         check_main_task(self.main, G.shape[0], "GradientMatching")
-        return _solvers.gradient_matching_weights(G, self.main)
+        return torch.ops.mtlgrad.gradient_matching_weights(G, self.main)

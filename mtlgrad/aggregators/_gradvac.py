@@ -5,7 +5,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_generator, draw_seed
 
 
@@ -69,7 +68,7 @@ class GradVac(GramAggregator):
                 "Gram matrix; call reset() to start over with another number of tasks"
             )
         seed = draw_seed(self.generator)
-        w, self._targets = _solvers.gradvac_weights(G, targets, self.beta, seed)
+        w, self._targets = torch.ops.mtlgrad.gradvac_weights(G, targets, self.beta, seed)
         return w
 
     # ---- state -----------------------------------------------------------------------------

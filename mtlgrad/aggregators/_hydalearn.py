@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_main_task
 
 
@@ -36,7 +36,7 @@ class HydaLearn(GramAggregator):
 
     def _weights(self, G: Tensor) -> Tensor:
         check_main_task(self.main, G.shape[0], "HydaLearn")
-        return _solvers.hydalearn_weights(G, self.main)
+        return torch.ops.mtlgrad.hydalearn_weights(G, self.main)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"main": self.main}

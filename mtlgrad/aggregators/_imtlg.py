@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator
 
 
@@ -26,4 +26,4 @@ class IMTLG(GramAggregator):
     """
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.imtlg_weights(G)
+        return torch.ops.mtlgrad.imtlg_weights(G)

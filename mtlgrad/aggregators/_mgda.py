@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_choice
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -47,9 +47,9 @@ class MGDA(GramAggregator):
                 f"MGDA(normalization={self.normalization!r}) needs the task losses: pass "
                 f"losses=... to aggregate() or weights()"
             )
-        return _solvers.mgda_weights(G, self.normalization, None)
+        return torch.ops.mtlgrad.mgda_weights(G, self.normalization, None)
 
     def _weights_given_losses(self, G: Tensor, losses: Tensor) -> Tensor:
         if self.normalization not in ("loss", "loss+"):
             return self._weights(G)
-        return _solvers.mgda_weights(G, self.normalization, losses)
+        return torch.ops.mtlgrad.mgda_weights(G, self.normalization, losses)

@@ -5,7 +5,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_nonnegative, check_positive_int
 
 
@@ -72,7 +71,7 @@ class NashMTL(GramAggregator):
             )
         recompute = self._alpha is None or self._step % self.update_weights_every == 0
         niter = self.optim_niter if recompute else 0
-        alpha, weights = _solvers.nash_mtl_weights(G, self._alpha, niter, self.max_norm)
+        alpha, weights = torch.ops.mtlgrad.nash_mtl_weights(G, self._alpha, niter, self.max_norm)
         self._alpha = alpha
         self._step += 1
         return weights

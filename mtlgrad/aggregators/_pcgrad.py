@@ -3,7 +3,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_generator, draw_seed
 
 
@@ -27,4 +26,4 @@ class PCGrad(GramAggregator):
         self.generator = check_generator(generator)
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.pcgrad_weights(G, draw_seed(self.generator))
+        return torch.ops.mtlgrad.pcgrad_weights(G, draw_seed(self.generator))

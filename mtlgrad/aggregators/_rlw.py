@@ -3,7 +3,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_generator, draw_seed
 
 
@@ -25,4 +24,4 @@ class RLW(GramAggregator):
         self.generator = check_generator(generator)
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.rlw_weights(G, draw_seed(self.generator))
+        return torch.ops.mtlgrad.rlw_weights(G, draw_seed(self.generator))

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mtlgrad import _solvers
 from mtlgrad.aggregators._base import GramAggregator, check_nonnegative
 
 
@@ -37,4 +37,4 @@ class UPGrad(GramAggregator):
         return {"reg_eps": self.reg_eps}
 
     def _weights(self, G: Tensor) -> Tensor:
-        return _solvers.upgrad_weights(G, self.reg_eps)
+        return torch.ops.mtlgrad.upgrad_weights(G, self.reg_eps)

@@ -1,4 +1,4 @@
-"""Typed Python face of the native ops ``torch.ops.mtlgrad.*``.
+"""The native ops ``torch.ops.mtlgrad.gram``, ``combine`` and ``graddrop``, with typed faces.
 
 Gradients travel as one flat, task-major list: task 0's tensors, then task 1's, and so on, every
 task listing the same shapes in the same order (typically the ``.grad`` of each shared parameter).
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mtlgrad._extension import load as _load_extension
+from mtlgrad.ops._checks import num_tensors
+from mtlgrad.ops._extension import load as _load_extension
 
 _load_extension()  # registers torch.ops.mtlgrad.*
 
@@ -29,8 +30,6 @@ __all__ = [
     "set_cpu_kernels",
     "supported_cpu_kernels",
 ]
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class NonFiniteGradientError(ValueError):
@@ -61,17 +60,6 @@ class NonFiniteGradientError(ValueError):
         )
 
 
-def _num_tensors(grads: Sequence[Tensor], num_tasks: int, op: str) -> int:
-    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-        raise ValueError(f"{op}: num_tasks must be a positive int, got {num_tasks!r}")
-    if len(grads) % num_tasks:
-        raise ValueError(
-            f"{op}: got {len(grads)} tensors for num_tasks={num_tasks}; grads must hold the same "
-            "number of tensors for every task, task-major (task 0's tensors, then task 1's, ...)"
-        )
-    return len(grads) // num_tasks
-
-
 def gram(
     grads: Sequence[Tensor],
     num_tasks: int,
@@ -96,7 +84,7 @@ def gram(
         across chunks, in a fixed order: the result is deterministic for a given thread count.
     """
     grads = list(grads)
-    k = _num_tensors(grads, num_tasks, "mtlgrad.gram")
+    k = num_tensors(grads, num_tasks, "mtlgrad.gram")
     if names is not None and len(names) != k:
         raise ValueError(f"mtlgrad.gram: got {len(names)} names for {k} tensors per task")
     if not grads:
@@ -134,7 +122,7 @@ def combine(
         The K output tensors.
     """
     grads = list(grads)
-    k = _num_tensors(grads, num_tasks, "mtlgrad.combine")
+    k = num_tensors(grads, num_tasks, "mtlgrad.combine")
     if not isinstance(weights, Tensor):
         device = grads[0].device if grads else None
         weights = torch.tensor(list(weights), dtype=torch.float64, device=device)
@@ -193,7 +181,7 @@ def graddrop(
         The K output tensors. Sums are accumulated in fp32 (fp64 for fp64 gradients).
     """
     grads = list(grads)
-    k = _num_tensors(grads, num_tasks, "mtlgrad.graddrop")
+    k = num_tensors(grads, num_tasks, "mtlgrad.graddrop")
     if names is not None and len(names) != k:
         raise ValueError(f"mtlgrad.graddrop: got {len(names)} names for {k} tensors per task")
     device = grads[0].device if grads else None
@@ -250,90 +238,4 @@ def set_cpu_kernels(name: str) -> str:
     return _C.set_cpu_kernels(name)
 
 
-# ---- fake implementations (torch.compile, meta tensors) -------------------------------------
-
-
-def _check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
-    """The same checks as the native ops (csrc/task_grads.cpp), for fake and meta tensors."""
-    k = _num_tensors(grads, num_tasks, op)
-    if not grads:
-        return k
-    first = grads[0]
-    for t in range(num_tasks):
-        for i in range(k):
-            g = grads[t * k + i]
-            where = f"tensor {i} of task {t}"
-            if g.dtype not in _SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"{op}: {where} has dtype {g.dtype}; expected float32, float64, float16 or "
-                    "bfloat16"
-                )
-            if g.dtype != first.dtype:
-                raise TypeError(
-                    f"{op}: mixed dtypes: {where} is {g.dtype} but tensor 0 of task 0 is "
-                    f"{first.dtype}; cast the gradients to one dtype"
-                )
-            if g.device != first.device:
-                raise ValueError(
-                    f"{op}: mixed devices: {where} is on {g.device} but tensor 0 of task 0 is on "
-                    f"{first.device}"
-                )
-            if g.shape != grads[i].shape:
-                raise ValueError(
-                    f"{op}: {where} has shape {list(g.shape)} but tensor {i} of task 0 has "
-                    f"shape {list(grads[i].shape)}; every task must list the same shapes in the "
-                    "same order"
-                )
-    return k
-
-
-def _check_outputs(op: str, grads: Sequence[Tensor], k: int, out: Sequence[Tensor]) -> None:
-    """The native ops' output checks (csrc/task_grads.cpp, check_outputs), for fake tensors."""
-    if len(out) != k:
-        raise ValueError(f"{op}: got {len(out)} output tensors for {k} tensors per task")
-    for i, o in enumerate(out):
-        if o.shape != grads[i].shape or o.dtype != grads[i].dtype or o.device != grads[i].device:
-            raise ValueError(
-                f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
-                f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
-            )
-
-
-@torch.library.register_fake("mtlgrad::gram")
-def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
-    _check_task_grads("mtlgrad.gram", grads, num_tasks)
-    like = grads[0]
-    return (
-        like.new_empty((num_tasks, num_tasks), dtype=torch.float64),
-        like.new_empty((num_tasks,), dtype=torch.int64),
-    )
-
-
-@torch.library.register_fake("mtlgrad::combine")
-def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: list[Tensor]) -> None:
-    op = "mtlgrad.combine"
-    k = _check_task_grads(op, grads, num_tasks)
-    if weights.dim() != 1 or weights.numel() != num_tasks:
-        raise ValueError(
-            f"{op}: weights must have shape [{num_tasks}] (one per task), got {list(weights.shape)}"
-        )
-    _check_outputs(op, grads, k, out)
-
-
-@torch.library.register_fake("mtlgrad::graddrop")
-def _graddrop_fake(
-    grads: list[Tensor],
-    num_tasks: int,
-    leak: Tensor,
-    seed: int,
-    check_finite: bool,
-    out: list[Tensor],
-) -> Tensor:
-    op = "mtlgrad.graddrop"
-    k = _check_task_grads(op, grads, num_tasks)
-    if leak.dim() != 1 or leak.numel() != num_tasks:
-        raise ValueError(
-            f"{op}: leak must have shape [{num_tasks}] (one value per task), got {list(leak.shape)}"
-        )
-    _check_outputs(op, grads, k, out)
-    return grads[0].new_empty((num_tasks,), dtype=torch.int64)
+from mtlgrad.ops import _fakes  # noqa: E402, F401  (registers the fake implementations)

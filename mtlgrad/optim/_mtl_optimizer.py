@@ -151,7 +151,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         return self.last_record
 
     def _discover_shared(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
-        from mtlgrad.autograd import leaf_tensors
+        from mtlgrad.step._differentiate import leaf_tensors
 
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
         counts: dict[int, int] = {}
