@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -77,15 +78,41 @@ def test_shared_parameters_are_found_when_not_given() -> None:
     assert optimizer._discover_shared(task_losses(model(x)[1], y)) == list(model.trunk.parameters())
 
 
-def test_state_dict_carries_the_aggregator_and_rejects_foreign_dicts() -> None:
+def test_state_dict_is_torch_layout_carrying_the_aggregator_and_rejects_foreign_dicts() -> None:
     model = TwoHeadNet()
     agg = PCGrad(generator=torch.Generator().manual_seed(0))
     optimizer = MTLOptimizer(torch.optim.Adam(model.parameters()), agg)
+    x, y = batch(0)
+    optimizer.backward(task_losses(model(x)[1], y))
+    optimizer.step()
     state = optimizer.state_dict()
-    assert set(state) == {"optimizer", "aggregator"}
-    assert "generator" in state["aggregator"]
+    assert set(state) == {"state", "param_groups"}
+    assert set(state["state"]) == set(range(len(list(model.parameters()))))
+    assert "exp_avg" in state["state"][0]
+    extra = torch.load(io.BytesIO(state["param_groups"][0]["mtlgrad"]), weights_only=True)
+    assert "generator" in extra["aggregator"]
     with pytest.raises(ValueError, match="missing"):
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optimizer.optimizer.state_dict())
+    # The live param groups are untouched, and loading does not mutate the given dict.
+    assert "mtlgrad" not in optimizer.param_groups[0]
+    optimizer.load_state_dict(state)
+    assert "mtlgrad" not in optimizer.param_groups[0]
+    assert "mtlgrad" in state["param_groups"][0]
+
+
+def test_state_dict_of_the_earlier_layout_still_loads() -> None:
+    model = TwoHeadNet()
+    optimizer = MTLOptimizer(
+        torch.optim.Adam(model.parameters()), PCGrad(generator=torch.Generator().manual_seed(0))
+    )
+    earlier = {
+        "optimizer": optimizer.optimizer.state_dict(),
+        "aggregator": {"generator": (torch.Generator().manual_seed(5).get_state())},
+    }
+    optimizer.load_state_dict(earlier)
+    assert torch.equal(
+        optimizer.aggregator.generator.get_state(), torch.Generator().manual_seed(5).get_state()
+    )
 
 
 RESUME = """
@@ -189,3 +216,97 @@ def test_grad_scaler_without_overflow_matches_the_unscaled_run() -> None:
 
 def test_backward_function_is_exported() -> None:
     assert mtlgrad.backward is mtlgrad.step.backward
+
+
+def test_options_are_checked_when_built() -> None:
+    model = TwoHeadNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="scalr"):
+        MTLOptimizer(inner, PCGrad(), scalr=None)
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        MTLOptimizer(inner, PCGrad(), scaler=1024.0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        MTLOptimizer(inner, PCGrad(), engine="batched", batch_size=0)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        MTLOptimizer(inner, PCGrad(), engine="vmap")
+    with pytest.raises(TypeError, match="model must be an mtlgrad.nn.MultiTaskModule"):
+        MTLOptimizer(inner, PCGrad(), model=model)
+
+
+def test_model_partition_without_a_graph_walk(monkeypatch) -> None:
+    from mtlgrad.nn import MultiTaskModel
+    from mtlgrad.step import _differentiate
+
+    def build():
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+        heads = {n: torch.nn.Linear(8, 1) for n in ("depth", "seg")}
+        return MultiTaskModel(trunk, heads)
+
+    def losses(model, x, y, order):
+        out = model(x)
+        values = {n: ((out[n].squeeze(-1) - y[:, i]) ** 2).mean() for i, n in enumerate(out)}
+        return {n: values[n] for n in order}
+
+    a, b = build(), build()
+    x, y = batch(0, tasks=2)
+    by_model = MTLOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), PCGrad(), model=a)
+    by_params = MTLOptimizer(
+        torch.optim.SGD(b.parameters(), lr=0.1), PCGrad(), shared_params=b.shared_parameters()
+    )
+    by_params.backward(losses(b, x, y, ["depth", "seg"]))
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("the graph was walked")
+
+    monkeypatch.setattr(_differentiate, "_leaf_reach", no_walk)
+    a.zero_grad()
+    torch.manual_seed(1)
+    record = by_model.backward(losses(a, x, y, ["seg", "depth"]))  # any key order
+    assert record.names == ["seg", "depth"]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ValueError, match="missing \\['seg'\\]"):
+        by_model.backward({"depth": losses(a, x, y, ["depth"])["depth"]})
+
+
+def test_torch_distributed_checkpoint_round_trip(tmp_path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from mtlgrad.aggregators import GradVac
+
+    def build(seed):
+        model = TwoHeadNet(seed=seed)
+        optimizer = MTLOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            GradVac(generator=torch.Generator().manual_seed(seed)),
+            shared_params=model.trunk.parameters(),
+        )
+        return model, optimizer
+
+    model, optimizer = build(0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train(model, optimizer, scheduler, 2)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    assert "state" in optimizer_state and "param_groups" in optimizer_state
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(tmp_path))
+    restored, restored_optimizer = build(1)
+    model_state, optimizer_state = get_state_dict(restored, restored_optimizer)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(loaded, checkpoint_id=str(tmp_path))
+    set_state_dict(
+        restored,
+        restored_optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optim"],
+    )
+    assert torch.equal(restored_optimizer.aggregator._targets, optimizer.aggregator._targets)
+    restored_scheduler = torch.optim.lr_scheduler.StepLR(restored_optimizer, step_size=1, gamma=0.5)
+    restored_scheduler.load_state_dict(scheduler.state_dict())
+    train(model, optimizer, scheduler, 2, start=2)
+    train(restored, restored_optimizer, restored_scheduler, 2, start=2)
+    for p, q in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(p, q)

@@ -25,13 +25,20 @@ class Aggregation:
 
     Attributes:
         out: the combined gradient, one tensor per tensor of a task.
-        weights: float64 task weights (``None`` for elementwise methods).
-        gram: the float64 Gram matrix of the task gradients, when the method computed it.
+        weights: float64 task weights, on the host (``None`` for elementwise methods).
+        gram: the float64 Gram matrix of the (unscaled) task gradients, on the host, when the
+            method computed it.
+        skipped: with a GradScaler's ``scale``, True when a task gradient overflowed: ``out``
+            then holds NaN, so that ``scaler.step`` skips the update and ``scaler.update`` lowers
+            the scale, as in single-task mixed precision.
+        losses: the task losses on the host, when the method brought them there with G.
     """
 
     out: list[Tensor]
     weights: Tensor | None
     gram: Tensor | None
+    skipped: bool = False
+    losses: Tensor | None = None
 
 
 class Aggregator(ABC):
@@ -57,15 +64,32 @@ class Aggregator(ABC):
         self,
         grads: Sequence[Tensor],
         num_tasks: int,
-        out: Sequence[Tensor] | None = None,
+        out: Sequence[Tensor | None] | None = None,
         names: Sequence[str] | None = None,
         losses: Tensor | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        scale: float | None = None,
+        accumulate: bool = False,
     ) -> Aggregation:
         """Combines a task-major gradient list (see :mod:`mtlgrad.ops`) into ``out``.
 
-        ``names`` (one per tensor of a task) are used in error messages. ``losses`` (T values)
-        are passed on to the methods that use them (e.g. MGDA's loss normalisation) and ignored
-        by the others.
+        Args:
+            grads: ``num_tasks * K`` tensors, task-major.
+            num_tasks: T.
+            out: K tensors to write into (allocated when omitted). With ``accumulate``, the
+                update is added into them in the same pass (an entry may be ``None``: it is
+                allocated and written).
+            names: the K tensors' names (e.g. parameter names), used in errors.
+            losses: the T task losses, for the methods that use them (e.g. MGDA's loss
+                normalisation); ignored by the others.
+            task_names: the T task names, used in errors; stateful methods also keep their
+                per-task state by name (see :class:`GramAggregator`).
+            scale: the loss scale a ``torch.amp.GradScaler`` put on ``grads``. The weights come
+                from the unscaled gradients and ``out`` receives the scaled update (what
+                ``scaler.step`` expects); a non-finite gradient is an overflow: no error,
+                ``skipped`` is set and ``out`` holds NaN.
+            accumulate: add into ``out`` instead of overwriting it.
         """
 
     # ---- state ------------------------------------------------------------------------------
@@ -93,8 +117,10 @@ class Aggregator(ABC):
         if state:
             raise ValueError(f"{type(self).__name__}: unexpected state {sorted(state)}")
 
-    def reset(self) -> None:  # noqa: B027  (stateless by default, not abstract)
-        """Forgets the state (stateless methods: nothing to do)."""
+    def reset(self) -> None:
+        """Forgets the state, including the task order a named step set (subclasses with state
+        of their own extend this)."""
+        self._task_order: list[str] | None = None
 
     # ---- representation --------------------------------------------------------------------
 
@@ -152,16 +178,142 @@ class GramAggregator(Aggregator):
         self,
         grads: Sequence[Tensor],
         num_tasks: int,
-        out: Sequence[Tensor] | None = None,
+        out: Sequence[Tensor | None] | None = None,
         names: Sequence[str] | None = None,
         losses: Tensor | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        scale: float | None = None,
+        accumulate: bool = False,
     ) -> Aggregation:
         grads = list(grads)
-        G = ops.gram(grads, num_tasks, names=names)
-        w = self.weights(G, losses)
+        G, losses = gram_on_host(
+            grads, num_tasks, losses, names=names, task_names=task_names, scale=scale
+        )
+        if G is None:
+            nan = fill_nan(grads, num_tasks, out)
+            return Aggregation(nan, None, None, skipped=True, losses=losses)
+        w = self._weights_by_name(G, losses, task_names)
         device = grads[0].device if grads else w.device
-        combined = ops.combine(grads, num_tasks, w.to(device), out)
-        return Aggregation(combined, w, G)
+        combined = combine_into(grads, num_tasks, w.to(device, non_blocking=True), out, accumulate)
+        return Aggregation(combined, w, G, losses=losses)
+
+    def _weights_by_name(
+        self, G: Tensor, losses: Tensor | None, task_names: Sequence[str] | None
+    ) -> Tensor:
+        """Weights with the tasks in the order of the first named call: a dict of losses whose
+        keys come in another order gives every task its own weight and state, not the state of
+        the task that used to be at its position."""
+        names = None if task_names is None else [str(n) for n in task_names]
+        known = getattr(self, "_task_order", None)
+        if names is None or known is None or names == known:
+            if names is not None and known is None:
+                self._task_order = names
+            return self.weights(G, losses)
+        if sorted(names) != sorted(known) or len(set(names)) != len(names):
+            if self._keeps_task_state:
+                raise ValueError(
+                    f"{type(self).__name__} keeps per-task state for the tasks {known}, but this "
+                    f"step's tasks are {names}; call reset() to start over with other tasks"
+                )
+            self._task_order = names
+            return self.weights(G, losses)
+        order = torch.tensor([names.index(n) for n in known])
+        w_known = self.weights(G[order][:, order], None if losses is None else losses[order])
+        w = torch.empty_like(w_known)
+        w[order] = w_known
+        return w
+
+    #: Methods whose state holds one entry per task (GradVac's targets, Nash-MTL's warm start)
+    #: refuse a step whose tasks are not the ones their state belongs to.
+    _keeps_task_state = False
+
+
+def gram_on_host(
+    grads: Sequence[Tensor],
+    num_tasks: int,
+    losses: Tensor | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The float64 Gram matrix of the unscaled gradients and the losses, on the host.
+
+    One device-to-host transfer carries G, the kernel's non-finite flags and the losses
+    together. Non-finite gradients raise :class:`~mtlgrad.ops.NonFiniteGradientError` naming
+    the task and parameter; under a GradScaler (``scale``) they are an overflow and G is
+    ``None``.
+    """
+    T = num_tasks
+    if not grads:
+        G = torch.zeros(T, T, dtype=torch.float64)
+        flags = torch.full((T,), -1, dtype=torch.int64)
+    else:
+        G, flags = torch.ops.mtlgrad.gram(list(grads), T)
+    if G.device.type != "cpu":
+        parts = [G.reshape(-1), flags.to(torch.float64)]
+        if losses is not None:
+            parts.append(losses.detach().to(device=G.device, dtype=torch.float64).reshape(-1))
+        host = torch.cat(parts).cpu()
+        G, flags = host[: T * T].view(T, T), host[T * T : T * T + T].to(torch.int64)
+        if losses is not None:
+            losses = host[T * T + T :]
+    elif losses is not None:
+        losses = losses.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if scale is None:
+        ops.check_gram(G, flags, names, task_names)
+        return G, losses
+    if bool((flags >= 0).any()) or not bool(torch.isfinite(G).all()):
+        return None, losses
+    return G / (scale * scale), losses
+
+
+def combine_into(
+    grads: Sequence[Tensor],
+    num_tasks: int,
+    weights: Tensor,
+    out: Sequence[Tensor | None] | None,
+    accumulate: bool,
+) -> list[Tensor]:
+    """``out[k] (+)= Σ_t w_t g_{t,k}`` through the native ``combine``, one pass per group: the
+    outputs to add into, and the ``None`` entries, allocated and written."""
+    grads = list(grads)
+    if out is None:
+        return ops.combine(grads, num_tasks, weights)
+    out = list(out)
+    if not accumulate:
+        return ops.combine(grads, num_tasks, weights, out)
+    K = len(out)
+    present = [k for k in range(K) if out[k] is not None]
+    missing = [k for k in range(K) if out[k] is None]
+
+    def columns(ks: list[int]) -> list[Tensor]:
+        return [grads[t * K + k] for t in range(num_tasks) for k in ks]
+
+    result: list[Tensor] = list(out)  # type: ignore[arg-type]
+    if present:
+        ops.combine(
+            columns(present), num_tasks, weights, [out[k] for k in present], accumulate=True
+        )
+    if missing:
+        for k, fresh in zip(missing, ops.combine(columns(missing), num_tasks, weights)):
+            result[k] = fresh
+    return result
+
+
+def fill_nan(
+    grads: Sequence[Tensor], num_tasks: int, out: Sequence[Tensor | None] | None
+) -> list[Tensor]:
+    """NaN in every output (allocated where missing): an overflowed step under a GradScaler."""
+    K = len(grads) // num_tasks
+    result = []
+    for k in range(K):
+        target = None if out is None else out[k]
+        if target is None:
+            target = torch.empty_like(grads[k])
+        result.append(target.fill_(float("nan")))
+    return result
 
 
 # ---- argument checks shared by the constructors ---------------------------------------------

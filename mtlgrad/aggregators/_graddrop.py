@@ -7,7 +7,13 @@ import torch
 from torch import Tensor
 
 from mtlgrad import ops
-from mtlgrad.aggregators._base import Aggregation, Aggregator, check_generator, draw_seed
+from mtlgrad.aggregators._base import (
+    Aggregation,
+    Aggregator,
+    check_generator,
+    draw_seed,
+    fill_nan,
+)
 
 
 class GradDrop(Aggregator):
@@ -55,9 +61,13 @@ class GradDrop(Aggregator):
         self,
         grads: Sequence[Tensor],
         num_tasks: int,
-        out: Sequence[Tensor] | None = None,
+        out: Sequence[Tensor | None] | None = None,
         names: Sequence[str] | None = None,
         losses: Tensor | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        scale: float | None = None,
+        accumulate: bool = False,
     ) -> Aggregation:
         grads = list(grads)
         device = grads[0].device if grads else torch.device("cpu")
@@ -70,8 +80,27 @@ class GradDrop(Aggregator):
         else:
             leak = self.leak.to(device)
         seed = draw_seed(self.generator)
-        combined = ops.graddrop(grads, num_tasks, leak, seed, out, names=names)
-        return Aggregation(combined, None, None)
+        # The sign purity and the kept signs do not change when every gradient is multiplied by
+        # a GradScaler's scale, and the update is linear: the scaled gradients give the scaled
+        # update directly.
+        direct = out is not None and not accumulate and all(o is not None for o in out)
+        try:
+            combined = ops.graddrop(
+                grads, num_tasks, leak, seed, out if direct else None, names=names
+            )
+        except ops.NonFiniteGradientError:
+            if scale is None:
+                raise
+            return Aggregation(fill_nan(grads, num_tasks, out), None, None, skipped=True)
+        if direct or out is None:
+            return Aggregation(combined, None, None)
+        result = []
+        for target, update in zip(out, combined):
+            if target is None:
+                result.append(update)
+            else:
+                result.append(target.add_(update) if accumulate else target.copy_(update))
+        return Aggregation(result, None, None)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {} if self.leak is None else {"leak": self.leak.tolist()}

@@ -96,6 +96,9 @@ class GradVac(GramAggregator):
             raise ValueError("GradVac targets are cosines and must lie in [-1, 1]")
         self._targets = targets.clone()
 
+    _keeps_task_state = True
+
     def reset(self) -> None:
         """Forgets the targets: the next call starts from zero targets."""
+        super().reset()
         self._targets = None

@@ -58,7 +58,10 @@ class NashMTL(GramAggregator):
         self.optim_niter = check_positive_int("optim_niter", optim_niter)
         self.reset()
 
+    _keeps_task_state = True
+
     def reset(self) -> None:
+        super().reset()
         self._step = 0
         self._alpha: Tensor | None = None
 

@@ -106,6 +106,8 @@ def combine(
     num_tasks: int,
     weights: Tensor | Sequence[float],
     out: Sequence[Tensor] | None = None,
+    *,
+    accumulate: bool = False,
 ) -> list[Tensor]:
     """Weighted sum of the task gradients: ``out[k] = sum_t weights[t] * grads[t * K + k]``.
 
@@ -140,6 +142,11 @@ def combine(
             raise ValueError(
                 f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task"
             )
+        return out
+    if accumulate:
+        fresh = combine(grads, num_tasks, weights)
+        for o, f in zip(out, fresh):
+            o.add_(f)
         return out
     torch.ops.mtlgrad.combine(grads, num_tasks, weights, out)
     return out
@@ -211,6 +218,22 @@ def graddrop(
                 tasks, indices, None if names is None else [names[i] for i in indices]
             )
     return out
+
+
+def check_gram(
+    gram: Tensor,
+    nonfinite: Tensor,
+    names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
+) -> None:
+    """Raises :class:`NonFiniteGradientError` for the tasks ``nonfinite`` flags."""
+    first = nonfinite.tolist()
+    tasks = [t for t, index in enumerate(first) if index >= 0]
+    if tasks:
+        indices = [first[t] for t in tasks]
+        raise NonFiniteGradientError(
+            tasks, indices, None if names is None else [names[i] for i in indices]
+        )
 
 
 def cpu_kernels() -> str:

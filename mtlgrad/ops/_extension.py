@@ -6,6 +6,7 @@ how to rebuild, instead of a bare undefined-symbol trace from the dynamic loader
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,6 +24,16 @@ def load() -> ModuleType:
     try:
         from mtlgrad import _C
     except ImportError as error:
+        source_tree = _source_tree_without_extension()
+        if source_tree is not None:
+            raise ImportError(
+                f"mtlgrad was imported from its source tree ({source_tree}), which holds no "
+                "built extension (mtlgrad._C): Python looks in the current folder first. If "
+                "mtlgrad is installed (pip install --no-build-isolation .), run from another "
+                "folder so that the installed copy is imported; to work in the source tree, "
+                "build it in place with\n"
+                "    pip install --no-build-isolation -e ."
+            ) from error
         raise ImportError(
             f"mtlgrad's native extension (mtlgrad._C) could not be loaded: {error}\n"
             f"Either it was never built, or it was built against another torch than the "
@@ -35,3 +46,15 @@ def load() -> ModuleType:
             f"{_REBUILD}"
         )
     return _C
+
+
+def _source_tree_without_extension() -> Path | None:
+    """The repository root when the imported package is the source checkout's ``mtlgrad/``
+    folder (it has ``pyproject.toml`` and ``csrc/`` beside it) with no extension built in it."""
+    package = Path(__file__).resolve().parent.parent
+    root = package.parent
+    if not ((root / "pyproject.toml").is_file() and (root / "csrc").is_dir()):
+        return None
+    if any(package.glob("_C.*")):
+        return None
+    return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
@@ -10,8 +11,13 @@ from torch import Tensor
 
 from mtlgrad.aggregators import Aggregator
 from mtlgrad.step import ENGINES, StepRecord, backward
+from mtlgrad.step._checks import named_losses
+from mtlgrad.step._differentiate import partition
 
 __all__ = ["MTLOptimizer"]
+
+#: The key, in ``param_groups[0]`` of the state dict, that carries mtlgrad's own state.
+STATE_KEY = "mtlgrad"
 
 
 class MTLOptimizer(torch.optim.Optimizer):
@@ -19,7 +25,7 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     It is itself a :class:`torch.optim.Optimizer` sharing the wrapped one's ``param_groups`` and
     ``state``, so LR schedulers, ``zero_grad``, ``add_param_group`` and checkpoints work as
-    usual; ``state_dict()`` also carries the aggregator's state::
+    usual::
 
         optimizer = MTLOptimizer(torch.optim.AdamW(model.parameters()), UPGrad(),
                                  shared_params=model.trunk.parameters())
@@ -29,14 +35,30 @@ class MTLOptimizer(torch.optim.Optimizer):
             record = optimizer.backward(losses)         # instead of sum(losses).backward()
             optimizer.step()
 
+    With a :mod:`mtlgrad.nn` model, ``MTLOptimizer(opt, UPGrad(), model=model)`` takes the
+    model's exact shared/task partition (no graph walk), and ``backward`` accepts the losses as
+    a dict keyed by the model's task names. With ``backward(losses, features=z)`` the task
+    gradients are taken at the shared representation ``z`` (see :func:`mtlgrad.backward`).
+
+    ``state_dict()`` is the wrapped optimizer's, in torch's own layout (``state``,
+    ``param_groups``), with the aggregator's state carried in ``param_groups[0]["mtlgrad"]``
+    (serialised, see :meth:`state_dict`):
+    code that reads ``osd["state"]`` and ``torch.distributed.checkpoint`` keep working, and a
+    resumed run continues bit-identically.
+
     Args:
         optimizer: the optimizer to wrap (SGD, Adam, AdamW, fused or foreach, ...).
         aggregator: how to combine the task gradients of the shared parameters.
         shared_params: the shared parameters. By default, every parameter of the optimizer that
-            more than one task's loss depends on (found in the autograd graph at each step).
+            more than one task's loss depends on, found in the autograd graph at each step (one
+            walk of the graph for all tasks).
         engine: ``"loop"`` or ``"batched"`` (see :func:`mtlgrad.backward`).
-        **backward_options: further keyword arguments of :func:`mtlgrad.backward`
-            (``scaler``, ``scale_task_params``, ``batch_size``).
+        model: a :class:`~mtlgrad.nn.MultiTaskModule`: its ``shared_parameters()`` and
+            ``task_parameters(name)`` are the partition (instead of ``shared_params``).
+        scaler: a ``torch.amp.GradScaler`` (see :func:`mtlgrad.backward`).
+        task_params: for each task, its own parameters (see :func:`mtlgrad.backward`).
+        scale_task_params: multiply each head's gradient by its task's weight.
+        batch_size: with ``engine="batched"``, at most this many tasks per vmapped backward.
     """
 
     def __init__(
@@ -45,8 +67,15 @@ class MTLOptimizer(torch.optim.Optimizer):
         aggregator: Aggregator,
         shared_params: Iterable[Tensor] | None = None,
         engine: str = "loop",
-        **backward_options: Any,
+        *,
+        model: torch.nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        task_params: Sequence[Iterable[Tensor]] | None = None,
+        scale_task_params: bool = False,
+        batch_size: int | None = None,
     ) -> None:
+        from mtlgrad.nn import MultiTaskModule
+
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -59,13 +88,38 @@ class MTLOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"engine must be one of {', '.join(map(repr, ENGINES))}; got {engine!r}"
             )
+        if model is not None:
+            if not isinstance(model, MultiTaskModule):
+                raise TypeError(
+                    "model must be an mtlgrad.nn.MultiTaskModule (it provides the exact "
+                    f"shared/task partition), got {type(model).__name__}; pass shared_params "
+                    "for other models"
+                )
+            if shared_params is not None or task_params is not None:
+                raise ValueError(
+                    "MTLOptimizer: pass either model= or shared_params/task_params, not both"
+                )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+            )
+        if not isinstance(scale_task_params, bool):
+            raise TypeError(f"scale_task_params must be a bool, got {scale_task_params!r}")
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         # Deliberately not calling Optimizer.__init__: the groups and state are the wrapped
         # optimizer's own objects, shared, not copies.
         self.optimizer = optimizer
         self.aggregator = aggregator
+        self.model = model
         self.shared_params = None if shared_params is None else list(shared_params)
+        self.task_params = None if task_params is None else [list(p) for p in task_params]
         self.engine = engine
-        self.backward_options = backward_options
+        self.scaler = scaler
+        self.scale_task_params = scale_task_params
+        self.batch_size = batch_size
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
         self._optimizer_state_dict_pre_hooks = optimizer._optimizer_state_dict_pre_hooks
@@ -110,20 +164,49 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "aggregator": self.aggregator.state_dict(),
-        }
+        """The wrapped optimizer's state dict (``state``, ``param_groups``), with mtlgrad's state
+        (the aggregator's, and the task order it follows) serialised in
+        ``param_groups[0]["mtlgrad"]``.
+
+        That entry is bytes, not a dict of tensors: an aggregator's state appears with its first
+        step (GradVac's T x T targets), and ``torch.distributed.checkpoint`` loads into the
+        structure of a freshly built optimizer, which a bytes entry always matches.
+        """
+        state = self.optimizer.state_dict()
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "aggregator": self.aggregator.state_dict(),
+                "task_names": getattr(self.aggregator, "_task_order", None),
+            },
+            buffer,
+        )
+        state["param_groups"][0][STATE_KEY] = buffer.getvalue()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"optimizer", "aggregator"} - set(state_dict)
-        if missing:
+        """Restores a dict returned by :meth:`state_dict` (or by an earlier release of
+        mtlgrad, ``{"optimizer": ..., "aggregator": ...}``)."""
+        if {"optimizer", "aggregator"} <= set(state_dict):
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self.aggregator.load_state_dict(state_dict["aggregator"])
+            return
+        groups = state_dict.get("param_groups")
+        extra = groups[0].get(STATE_KEY) if isinstance(groups, list) and groups else None
+        if isinstance(extra, (bytes, bytearray)):
+            extra = torch.load(io.BytesIO(extra), weights_only=True)
+        if not isinstance(extra, dict) or "aggregator" not in extra:
             raise ValueError(
-                f"MTLOptimizer.load_state_dict: missing {sorted(missing)}; expected the dict "
-                "returned by MTLOptimizer.state_dict()"
+                "MTLOptimizer.load_state_dict: missing the aggregator's state "
+                f"(param_groups[0][{STATE_KEY!r}]); expected the dict returned by "
+                "MTLOptimizer.state_dict(), not a plain optimizer's"
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.aggregator.load_state_dict(state_dict["aggregator"])
+        groups = [dict(group) for group in groups]
+        groups[0].pop(STATE_KEY)
+        self.optimizer.load_state_dict({**state_dict, "param_groups": groups})
+        self.aggregator.load_state_dict(extra["aggregator"])
+        if extra.get("task_names") is not None:
+            self.aggregator._task_order = list(extra["task_names"])
 
     def __repr__(self) -> str:
         return f"MTLOptimizer({self.optimizer!r}, {self.aggregator!r}, engine={self.engine!r})"
@@ -132,42 +215,69 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     def backward(
         self,
-        losses: Sequence[Tensor] | Mapping[str, Tensor],
+        losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
         features: Tensor | Sequence[Tensor] | None = None,
     ) -> StepRecord:
         """Computes and aggregates the task gradients into ``.grad`` (see
         :func:`mtlgrad.backward`); returns the step's record."""
-        shared = self.shared_params
-        if shared is None:
-            shared = self._discover_shared(losses)
+        shared, task_params = self.shared_params, self.task_params
+        if self.model is not None:
+            shared, task_params = self._model_partition(losses)
+        elif shared is None:
+            parts = self._partition(losses, features)
+            shared, task_params = parts.shared, parts.heads
         self.last_record = backward(
             losses,
             shared_params=shared,
             aggregator=self.aggregator,
             features=features,
             engine=self.engine,
-            **self.backward_options,
+            scaler=self.scaler,
+            task_params=task_params,
+            scale_task_params=self.scale_task_params,
+            batch_size=self.batch_size,
         )
         return self.last_record
 
-    def _discover_shared(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
-        from mtlgrad.step._differentiate import leaf_tensors
+    def _model_partition(
+        self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor
+    ) -> tuple[list[Tensor], list[list[Tensor]]]:
+        from mtlgrad.nn._base import check_same_tasks
 
-        values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
-        counts: dict[int, int] = {}
-        for v in values:
-            if isinstance(v, Tensor) and v.grad_fn is not None:
-                for leaf in leaf_tensors([v]):
-                    counts[id(leaf)] = counts.get(id(leaf), 0) + 1
-        shared = [
-            p
-            for group in self.optimizer.param_groups
-            for p in group["params"]
-            if counts.get(id(p), 0) > 1 or len(values) == 1 and counts.get(id(p), 0) == 1
-        ]
-        if not shared:
+        model = self.model
+        assert model is not None
+        if isinstance(losses, Mapping):
+            check_same_tasks(losses.keys(), model.task_names, "the losses", "MTLOptimizer")
+            names = [str(k) for k in losses]
+        else:
+            count = len(losses)
+            if count != len(model.task_names):
+                raise ValueError(
+                    f"MTLOptimizer: got {count} losses for the model's "
+                    f"{len(model.task_names)} tasks {model.task_names}; pass a dict keyed by "
+                    "the task names, or one loss per task in that order"
+                )
+            names = list(model.task_names)
+        return list(model.shared_parameters()), [list(model.task_parameters(n)) for n in names]
+
+    def _partition(
+        self,
+        losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> Any:
+        _, values = named_losses(losses)
+        feature_list = [features] if isinstance(features, Tensor) else list(features or ())
+        candidates = [p for group in self.optimizer.param_groups for p in group["params"]]
+        parts = partition(values, shared=None, candidates=candidates, features=feature_list)
+        if not parts.shared:
             raise ValueError(
                 "MTLOptimizer: no parameter of the optimizer is shared by two or more task "
                 "losses; pass shared_params explicitly"
             )
-        return shared
+        return parts
+
+    def _discover_shared(
+        self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor
+    ) -> list[Tensor]:
+        """The shared parameters found in the graph (what ``backward`` uses by default)."""
+        return self._partition(losses, None).shared

@@ -1,121 +1,320 @@
-"""Per-task gradients: the engines behind :func:`mtlgrad.backward`.
+"""Stage 1 of the step, differentiate: who owns which parameter, and the per-task gradients.
 
-- ``"loop"``: one backward per task (``retain_graph``), with only the shared parameters and that
-  task's own parameters as inputs.
-- ``"batched"``: one vmapped backward over all tasks (``is_grads_batched=True``), in chunks of
-  tasks to bound memory.
-- the ``features`` level (MGDA-UB style): the same engines, with the shared representation in
-  place of the shared parameters; :func:`mtlgrad.backward` then runs one backward through the
-  trunk with the combined gradient.
+- :func:`partition`: the shared parameters and each task's own parameters (its heads), from one
+  walk of the autograd graph for all tasks together (or as given, with no walk at all).
+- :func:`differentiate`: the per-task gradients of the shared level (the shared parameters, or
+  the shared representation ``features``) and of each task's own parameters, as one
+  :class:`TaskGradients`, from one of two engines:
+
+  - ``"loop"``: one backward per task (``retain_graph``), with the shared level and that task's
+    own parameters as inputs;
+  - ``"batched"``: one vmapped backward over all tasks (``is_grads_batched=True``), in chunks of
+    tasks to bound memory; the heads then take one backward of the summed losses (each head is
+    reached by one task, so the sum gives every head its own task's gradient).
 
 The per-task gradients are the tensors autograd produces: nothing is copied or concatenated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["leaf_tensors", "task_gradients"]
+__all__ = ["ENGINES", "Partition", "TaskGradients", "differentiate", "partition"]
+
+ENGINES = ("loop", "batched")
 
 
-def leaf_tensors(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> list[Tensor]:
-    """Leaf tensors that require grad and that ``roots`` depend on, in discovery order.
+@dataclass
+class Partition:
+    """Who owns which parameter in a step.
 
-    The walk does not descend below the tensors of ``stop_at`` (e.g. the shared features, so
-    that the trunk's parameters are not found).
+    Attributes:
+        shared: the shared parameters, whose per-task gradients are aggregated.
+        heads: for each task, its own parameters (they get that task's gradient).
+        reach: for each shared parameter, the tasks whose loss the walk saw reach it (empty
+            where the walk did not go: below the features, or no walk when the partition was
+            given).
     """
+
+    shared: list[Tensor]
+    heads: list[list[Tensor]]
+    reach: list[list[int]] | None = None
+
+
+@dataclass
+class TaskGradients:
+    """What the engines return, the same for every engine.
+
+    Attributes:
+        names: the task names.
+        level: ``level[t][k]``: the gradient of task t's loss with respect to input k of the
+            shared level (a shared parameter, or a feature tensor), ``None`` where that loss does
+            not reach it.
+        reached: the inputs of the shared level that some task reaches, ascending.
+        one_task: recomputes one task's gradients of the shared level alone, while the graph is
+            still alive (the batched engine: a non-finite value met in its shared backward
+            reaches every task, 0 * Inf being NaN, so this tells which task it came from).
+    """
+
+    names: list[str]
+    level: list[list[Tensor | None]]
+    _heads: list[list[tuple[Tensor, Tensor]]] | Callable[[], list[list[tuple[Tensor, Tensor]]]]
+    one_task: Callable[[int], list[Tensor | None]] | None = None
+    reached: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        K = len(self.level[0]) if self.level else 0
+        self.reached = [k for k in range(K) if any(g[k] is not None for g in self.level)]
+
+    def heads(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """For each task, ``(parameter, gradient)`` of each of its own parameters that its loss
+        reaches. The batched engine computes them here, with one backward of the summed losses
+        (after the aggregation, so that the graph is alive until then)."""
+        if callable(self._heads):
+            self._heads = self._heads()
+        return self._heads
+
+    def task_major(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """The reached inputs' gradients as one task-major list (task 0's, then task 1's, ...);
+        a task that does not reach an input some other task reaches contributes zeros there."""
+        flat: list[Tensor] = []
+        for grads in self.level:
+            for k in self.reached:
+                g = grads[k]
+                flat.append(torch.zeros_like(inputs[k]) if g is None else g)
+        return flat
+
+    def unreached_tasks(self) -> list[int]:
+        """Tasks whose loss reaches none of the reached inputs (their shared gradient is 0)."""
+        if not self.reached:
+            return []
+        return [
+            t for t, grads in enumerate(self.level) if all(grads[k] is None for k in self.reached)
+        ]
+
+
+# ---- who owns which parameter: one walk of the graph --------------------------------------------
+
+
+def _leaf_reach(
+    losses: Sequence[Tensor], stop_at: Sequence[Tensor], below_stops: bool
+) -> tuple[list[Tensor], list[int], list[int]]:
+    """One walk of the graph below all the losses: every leaf that requires grad, with two task
+    bit masks: the tasks that reach it at all, and those that reach it without passing through
+    one of the ``stop_at`` tensors (the features). Without ``below_stops`` the walk does not go
+    below those tensors (the trunk under the features is not visited)."""
+    roots = [loss.grad_fn for loss in losses]
     stops = {t.grad_fn for t in stop_at if t.grad_fn is not None}
-    seen_nodes: set = set()
-    leaves: list[Tensor] = []
-    seen_leaves: set[int] = set()
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen_nodes or node in stops:
+    # Depth-first post-order over the nodes reachable from any loss, each node visited once; its
+    # reverse is a topological order (every node before the nodes it feeds into the backward).
+    order = []
+    visited = set()
+    for root in roots:
+        if root is None or root in visited:
             continue
-        seen_nodes.add(node)
+        visited.add(root)
+        stack = [(root, iter(root.next_functions))]
+        while stack:
+            node, children = stack[-1]
+            if node in stops and not below_stops:
+                children = iter(())
+            for child, _ in children:
+                if child is not None and child not in visited:
+                    visited.add(child)
+                    stack.append((child, iter(child.next_functions)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    reach_all: dict = {}
+    reach_direct: dict = {}
+    for t, root in enumerate(roots):
+        if root is not None:
+            reach_all[root] = reach_all.get(root, 0) | (1 << t)
+            reach_direct[root] = reach_direct.get(root, 0) | (1 << t)
+    leaves: list[Tensor] = []
+    masks_all: list[int] = []
+    masks_direct: list[int] = []
+    for node in reversed(order):
+        every = reach_all.get(node, 0)
+        direct = 0 if node in stops else reach_direct.get(node, 0)
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         if variable is not None:
-            if id(variable) not in seen_leaves:
-                seen_leaves.add(id(variable))
-                leaves.append(variable)
+            leaves.append(variable)
+            masks_all.append(every)
+            masks_direct.append(direct)
             continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
+        if node in stops and not below_stops:
+            continue
+        for child, _ in node.next_functions:
+            if child is not None:
+                reach_all[child] = reach_all.get(child, 0) | every
+                if direct:
+                    reach_direct[child] = reach_direct.get(child, 0) | direct
+    return leaves, masks_all, masks_direct
 
 
-def task_gradients(
+def _tasks(mask: int, num_tasks: int) -> list[int]:
+    return [t for t in range(num_tasks) if mask >> t & 1]
+
+
+def partition(
+    losses: Sequence[Tensor],
+    *,
+    shared: Sequence[Tensor] | None,
+    candidates: Sequence[Tensor] = (),
+    features: Sequence[Tensor] = (),
+) -> Partition:
+    """The step's partition from one walk of the graph.
+
+    With ``shared`` given, the heads of task t are the leaves its loss reaches (without passing
+    through ``features``) that are not shared. With ``shared=None``, the shared parameters are
+    the ``candidates`` (e.g. an optimizer's parameters) that more than one loss reaches (all
+    those a single loss reaches, when there is one task).
+    """
+    T = len(losses)
+    leaves, masks_all, masks_direct = _leaf_reach(losses, features, below_stops=shared is None)
+    index = {id(leaf): i for i, leaf in enumerate(leaves)}
+    if shared is None:
+        threshold = 2 if T > 1 else 1
+        shared = [
+            p
+            for p in candidates
+            if id(p) in index and bin(masks_all[index[id(p)]]).count("1") >= threshold
+        ]
+    shared = list(shared)
+    shared_ids = {id(p) for p in shared}
+    heads: list[list[Tensor]] = [[] for _ in range(T)]
+    for leaf, mask in zip(leaves, masks_direct):
+        if id(leaf) not in shared_ids:
+            for t in _tasks(mask, T):
+                heads[t].append(leaf)
+    reach = [_tasks(masks_all[index[id(p)]], T) if id(p) in index else [] for p in shared]
+    return Partition(shared, heads, reach)
+
+
+# ---- the engines -----------------------------------------------------------------------------
+
+
+def differentiate(
+    names: Sequence[str],
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
+    heads: Sequence[Sequence[Tensor]],
     *,
     engine: str,
     retain_graph: bool,
     batch_size: int | None = None,
-    task_inputs: Sequence[Sequence[Tensor]] | None = None,
-) -> tuple[list[list[Tensor | None]], list[list[Tensor | None]]]:
-    """Per-task gradients: ``(grads, task_grads)``.
-
-    ``grads[t][k]`` is the gradient of ``losses[t]`` with respect to ``inputs[k]`` (``None`` where
-    the loss does not depend on that input). ``task_inputs[t]`` are inputs of task t alone (its
-    heads): the loop engine differentiates them in the same backward, at no extra cost, into
-    ``task_grads[t]``; the batched engine leaves them to the caller (``task_grads`` is empty).
-    """
+) -> TaskGradients:
+    """Per-task gradients of ``inputs`` (the shared level) and of each task's ``heads``."""
     if engine == "loop":
-        return _loop(losses, inputs, retain_graph, task_inputs)
+        return _loop(names, losses, inputs, heads, retain_graph)
     if engine == "batched":
-        return _batched(losses, inputs, retain_graph, batch_size), []
-    raise ValueError(f"engine must be 'loop' or 'batched', got {engine!r}")
+        return _batched(names, losses, inputs, heads, retain_graph, batch_size)
+    raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}; got {engine!r}")
 
 
 def _loop(
+    names: Sequence[str],
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
+    heads: Sequence[Sequence[Tensor]],
     retain_graph: bool,
-    task_inputs: Sequence[Sequence[Tensor]] | None,
-) -> tuple[list[list[Tensor | None]], list[list[Tensor | None]]]:
+) -> TaskGradients:
     K = len(inputs)
-    grads, task_grads = [], []
+    level, head_grads = [], []
     for t, loss in enumerate(losses):
-        extra = list(task_inputs[t]) if task_inputs is not None else []
+        own = list(heads[t])
         keep = retain_graph or t < len(losses) - 1
-        result = torch.autograd.grad(
-            loss, list(inputs) + extra, retain_graph=keep, allow_unused=True
-        )
-        grads.append(list(result[:K]))
-        task_grads.append(list(result[K:]))
-    return grads, task_grads
+        result = torch.autograd.grad(loss, list(inputs) + own, retain_graph=keep, allow_unused=True)
+        level.append(list(result[:K]))
+        head_grads.append([(h, g) for h, g in zip(own, result[K:]) if g is not None])
+    return TaskGradients(list(names), level, head_grads)
 
 
 def _batched(
-    losses: Sequence[Tensor], inputs: Sequence[Tensor], retain_graph: bool, batch_size: int | None
-) -> list[list[Tensor | None]]:
+    names: Sequence[str],
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    heads: Sequence[Sequence[Tensor]],
+    retain_graph: bool,
+    batch_size: int | None,
+) -> TaskGradients:
     T = len(losses)
-    if not inputs:  # nothing to differentiate (e.g. no shared parameters)
-        return [[] for _ in range(T)]
-    stacked = torch.stack([loss.reshape(()) for loss in losses])
-    eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
-    step = T if batch_size is None else max(1, batch_size)
-    result: list[list[Tensor | None]] = []
-    for start in range(0, T, step):
-        rows = eye[start : start + step]
-        keep = retain_graph or start + step < T
-        try:
-            grads = torch.autograd.grad(
-                stacked,
-                inputs,
-                grad_outputs=rows,
-                retain_graph=keep,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        except RuntimeError as error:
-            raise RuntimeError(
-                "engine='batched' could not vmap the backward of this model (some operation has "
-                f"no batching rule): {error}\nUse engine='loop', which runs one backward per task."
-            ) from error
-        for i in range(rows.shape[0]):
-            result.append([None if g is None else g[i] for g in grads])
-    return result
+    # A parameter in several tasks' heads needs its per-task gradients: it joins the vmapped
+    # backward. The others take one backward of the summed losses.
+    owners: dict[int, int] = {}
+    for hs in heads:
+        for h in hs:
+            owners[id(h)] = owners.get(id(h), 0) + 1
+    multi: list[Tensor] = []
+    single: list[Tensor] = []
+    seen: set[int] = set()
+    for hs in heads:
+        for h in hs:
+            if id(h) not in seen:
+                seen.add(id(h))
+                (multi if owners[id(h)] > 1 else single).append(h)
+    batched_inputs = list(inputs) + multi
+    K = len(inputs)
+    level: list[list[Tensor | None]] = [[] for _ in range(T)]
+    multi_grads: list[list[Tensor | None]] = [[] for _ in range(T)]
+    if batched_inputs:
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
+        step = T if batch_size is None else max(1, batch_size)
+        for start in range(0, T, step):
+            rows = eye[start : start + step]
+            keep = retain_graph or bool(single) or start + step < T
+            try:
+                grads = torch.autograd.grad(
+                    stacked,
+                    batched_inputs,
+                    grad_outputs=rows,
+                    retain_graph=keep,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError as error:
+                raise RuntimeError(
+                    "engine='batched' could not vmap the backward of this model (some operation "
+                    f"has no batching rule): {error}\nUse engine='loop', which runs one backward "
+                    "per task."
+                ) from error
+            for i in range(rows.shape[0]):
+                per_task = [None if g is None else g[i] for g in grads]
+                level[start + i] = per_task[:K]
+                multi_grads[start + i] = per_task[K:]
+    multi_heads = [
+        [(h, g) for h, g in zip(multi, multi_grads[t]) if g is not None] for t in range(T)
+    ]
+
+    def heads_after_aggregation() -> list[list[tuple[Tensor, Tensor]]]:
+        if not single:
+            return multi_heads
+        summed = torch.autograd.grad(
+            sum(losses), single, retain_graph=retain_graph, allow_unused=True
+        )
+        grad_of = {id(h): g for h, g in zip(single, summed)}
+        result = [list(pairs) for pairs in multi_heads]
+        for t, hs in enumerate(heads):
+            for h in hs:
+                g = grad_of.get(id(h))
+                if g is not None and owners[id(h)] == 1:
+                    result[t].append((h, g))
+        return result
+
+    graph_alive = retain_graph or bool(single)
+
+    def one_task(t: int) -> list[Tensor | None]:
+        return list(
+            torch.autograd.grad(losses[t], list(inputs), retain_graph=True, allow_unused=True)
+        )
+
+    return TaskGradients(
+        list(names), level, heads_after_aggregation, one_task if graph_alive else None
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -12,11 +13,17 @@ __all__ = ["StepRecord"]
 
 @dataclass
 class StepRecord:
-    """What one :func:`backward` step computed, at no extra cost.
+    """What one :func:`~mtlgrad.backward` step computed, at no extra cost.
+
+    Everything lives on the host: the Gram matrix, the weights and the losses come from the
+    step's single device-to-host transfer, and the derived statistics (norms, cosines,
+    conflicts) are computed once, on first use, and shared by every reader (the
+    :class:`~mtlgrad.diagnostics.GradientMonitor`, the demo, a training script).
 
     Attributes:
         names: the task names (the keys of a dict of losses, else ``"task 0"``, ...).
-        weights: float64 task weights of the aggregation (``None`` for elementwise methods).
+        weights: float64 task weights of the aggregation (``None`` for elementwise methods and
+            for a skipped step).
         gram: float64 T x T Gram matrix of the (unscaled) task gradients, where computed.
         skipped: with a GradScaler, True when a task gradient overflowed (the shared ``.grad``
             holds NaN so that ``scaler.step`` skips the update, as in single-task AMP).
@@ -27,27 +34,30 @@ class StepRecord:
     weights: Tensor | None
     gram: Tensor | None
     skipped: bool = False
-    losses: Tensor | None = None
+    losses: Tensor | None = field(default=None)
 
-    @property
+    @cached_property
     def norms(self) -> Tensor | None:
         """Task-gradient norms, from the diagonal of the Gram matrix."""
         return None if self.gram is None else self.gram.diagonal().clamp_min(0).sqrt()
 
-    @property
+    @cached_property
     def cosines(self) -> Tensor | None:
         """T x T cosines between task gradients (0 where a gradient is zero)."""
-        if self.gram is None:
-            return None
         norms = self.norms
+        if norms is None or self.gram is None:
+            return None
         denominator = torch.outer(norms, norms)
         return torch.where(denominator > 0, self.gram / denominator, torch.zeros_like(self.gram))
 
-    @property
+    @cached_property
     def conflicts(self) -> float | None:
-        """Fraction of task pairs with a negative cosine."""
-        if self.gram is None or self.gram.shape[0] < 2:
-            return None if self.gram is None else 0.0
+        """Fraction of task pairs whose gradients have a negative inner product (0.0 for one
+        task)."""
+        if self.gram is None:
+            return None
         T = self.gram.shape[0]
-        upper = torch.triu(self.gram, diagonal=1)[torch.triu(torch.ones(T, T, dtype=torch.bool), 1)]
-        return float((upper < 0).float().mean())
+        if T < 2:
+            return 0.0
+        rows, cols = torch.triu_indices(T, T, offset=1)
+        return float((self.gram[rows, cols] < 0).to(torch.float64).mean())
