@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
     assert_weights_match,
     matrices,
@@ -26,7 +26,7 @@ def test_properties(J: torch.Tensor, mode: str) -> None:
     assert_finite_and_shaped(agg, J)
     assert_permutation_invariant(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: AlignedMTL(mode), J)
+    assert_matrix_call_is_weighted_sum(lambda: AlignedMTL(mode), J)
 
 
 def reference_weights(G: torch.Tensor, mode: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
     matrices,
     matrix_families,
@@ -26,7 +26,7 @@ def test_properties(J: torch.Tensor, c: float) -> None:
     assert_finite_and_shaped(agg, J)
     assert_permutation_invariant(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: CAGrad(c), J)
+    assert_matrix_call_is_weighted_sum(lambda: CAGrad(c), J)
 
 
 def assert_optimal(J: torch.Tensor, c: float, rtol: float = 1e-10) -> None:

@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_non_conflicting,
     assert_permutation_invariant,
     matrices,
@@ -22,7 +22,7 @@ def test_properties(J: torch.Tensor) -> None:
     assert_finite_and_shaped(agg, J)
     assert_permutation_invariant(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(ConFIG, J)
+    assert_matrix_call_is_weighted_sum(ConFIG, J)
 
 
 # Rank-deficient with more tasks than the rank: u_iᵀ x = 1 has no solution, and the

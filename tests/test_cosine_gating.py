@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     matrices,
     matrix_ids,
     scale_of,
@@ -34,7 +34,7 @@ def test_properties(J: torch.Tensor, weighted: bool) -> None:
     agg = CosineGating(main=main, weighted=weighted)
     d = assert_finite_and_shaped(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: CosineGating(main, weighted), J)
+    assert_matrix_call_is_weighted_sum(lambda: CosineGating(main, weighted), J)
     # Never conflicts with the main task.
     assert J[main] @ d >= J[main] @ J[main] - 1e-9 * scale_of(J) ** 2
     # Invariant under permutations of the tasks (the main task moving with them).

@@ -54,3 +54,25 @@ def test_build_information() -> None:
     assert mtlgrad._C.torch_version == torch.__version__
     assert ops.cpu_kernels() in ops.supported_cpu_kernels()
     assert ops.supported_cpu_kernels()[0] == "generic"
+
+
+def test_importing_the_source_tree_says_so(tmp_path) -> None:
+    # Run from a source checkout's root, Python imports its mtlgrad/ folder (no extension built
+    # there) instead of the installed package.
+    import shutil
+    from pathlib import Path
+
+    package = Path(mtlgrad.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "mtlgrad", ignore=shutil.ignore_patterns("_C.*"))
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'mtlgrad'\n")
+    (tmp_path / "csrc").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", "import mtlgrad"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "mtlgrad was imported from its source tree" in result.stderr
+    assert "run from another folder" in result.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_non_conflicting,
     assert_permutation_invariant,
     assert_weights_match,
@@ -38,7 +38,7 @@ def test_properties(J: torch.Tensor, alpha: float) -> None:
     assert_finite_and_shaped(agg, J)
     assert_permutation_invariant(agg, J)
     assert_scaling_law(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: FairGrad(alpha), J)
+    assert_matrix_call_is_weighted_sum(lambda: FairGrad(alpha), J)
 
 
 # Where some positive combination of the gradients vanishes the system has no positive solution

@@ -7,7 +7,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_weights_match,
     matrices,
     matrix_families,
@@ -38,7 +38,7 @@ def test_properties(J: torch.Tensor) -> None:
         assert_finite_and_shaped(agg, J)
         assert_permutation_invariant(main, J)
         assert_linear_under_scaling(agg, J)
-        assert_matrix_call_is_gram_then_combine(lambda main=main: GradientMatching(main), J)
+        assert_matrix_call_is_weighted_sum(lambda main=main: GradientMatching(main), J)
         w = agg.weights(J @ J.T)
         assert w[main] == 1 and (w >= 0).all()
 

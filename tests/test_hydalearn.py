@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     matrices,
     matrix_ids,
     scale_of,
@@ -35,7 +35,7 @@ def test_properties(J: torch.Tensor) -> None:
     agg = HydaLearn(main=main)
     d = assert_finite_and_shaped(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: HydaLearn(main), J)
+    assert_matrix_call_is_weighted_sum(lambda: HydaLearn(main), J)
     w = agg.weights(J @ J.T)
     assert (w >= 0).all() and abs(float(w.sum()) - 1) < 1e-12
     # Never conflicts with the main task.

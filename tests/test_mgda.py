@@ -8,7 +8,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
     assert_weights_match,
     matrices,
@@ -48,7 +48,7 @@ def test_properties(J: torch.Tensor) -> None:
     assert_non_conflicting(agg, J)
     assert_permutation_invariant(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(MGDA, J)
+    assert_matrix_call_is_weighted_sum(MGDA, J)
     w = agg.weights(J @ J.T)
     assert (w >= 0).all()
     torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
@@ -59,7 +59,7 @@ def test_properties_with_l2_normalization(J: torch.Tensor) -> None:
     agg = MGDA("l2")
     assert_finite_and_shaped(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: MGDA("l2"), J)
+    assert_matrix_call_is_weighted_sum(lambda: MGDA("l2"), J)
     if J.shape[0] < 3 or not torch.equal(J, matrix_families(J.shape[0])["rank_deficient"]):
         # With more normalised gradients than dimensions, 0 is typically in their hull with
         # many weight vectors, which give different combinations of the original gradients:

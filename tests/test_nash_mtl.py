@@ -4,7 +4,7 @@ import pytest
 import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_non_conflicting,
     assert_permutation_invariant,
     matrices,
@@ -87,7 +87,7 @@ def test_properties(J: torch.Tensor) -> None:
     assert_finite_and_shaped(agg, J)
     assert_non_conflicting(agg, J)
     assert_permutation_invariant(agg, J)
-    assert_matrix_call_is_gram_then_combine(NashMTL, J)
+    assert_matrix_call_is_weighted_sum(NashMTL, J)
 
 
 @pytest.mark.parametrize("J", matrices(), ids=matrix_ids())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     matrices,
     matrix_ids,
 )
@@ -27,7 +27,7 @@ def test_properties(J: torch.Tensor) -> None:
         torch.testing.assert_close(
             agg_a(c * J), c * agg_b(J), rtol=1e-7, atol=1e-7 * c * float(J.abs().max() or 1)
         )
-    assert_matrix_call_is_gram_then_combine(seeded, J)
+    assert_matrix_call_is_weighted_sum(seeded, J)
 
 
 def reference_pcgrad(J: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     matrices,
     matrix_ids,
 )
@@ -49,7 +49,7 @@ def test_properties(J: torch.Tensor) -> None:
         torch.testing.assert_close(
             seeded(3)(c * J), c * seeded(3)(J), rtol=1e-7, atol=1e-7 * c * float(J.abs().max() or 1)
         )
-    assert_matrix_call_is_gram_then_combine(seeded, J)
+    assert_matrix_call_is_weighted_sum(seeded, J)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 8, 64, 256])

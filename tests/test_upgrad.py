@@ -5,7 +5,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
-    assert_matrix_call_is_gram_then_combine,
+    assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
     assert_weights_match,
     matrices,
@@ -30,7 +30,7 @@ def test_properties(J: torch.Tensor, reg_eps: float) -> None:
     assert_non_conflicting(agg, J)
     assert_permutation_invariant(agg, J)
     assert_linear_under_scaling(agg, J)
-    assert_matrix_call_is_gram_then_combine(lambda: UPGrad(reg_eps=reg_eps), J)
+    assert_matrix_call_is_weighted_sum(lambda: UPGrad(reg_eps=reg_eps), J)
 
 
 @pytest.mark.parametrize("name", ["random", "rank_deficient", "duplicated_rows", "conflicting"])
