@@ -111,8 +111,14 @@ def write(
     scale_task_params: bool,
     retain_graph: bool,
 ) -> None:
-    """The shared ``.grad`` (the aggregation wrote it in place; here the parameters that had
-    none get their tensor, or the features' update goes through the trunk), then the heads."""
+    """The heads, then the shared ``.grad`` (the aggregation added into the existing tensors;
+    here the parameters that had none get theirs, or the features' update goes through the
+    trunk, last, as it may free the graph)."""
+    weights = aggregation.weights if scale_task_params else None
+    coefficients = None if weights is None else weights.tolist()
+    for t, pairs in enumerate(grads.heads()):
+        for p, g in pairs:
+            _accumulate(p, g if coefficients is None else g * coefficients[t])
     if features is None:
         for k, d in zip(grads.reached, aggregation.out):
             if shared[k].grad is None:
@@ -127,11 +133,6 @@ def write(
             inputs=list(shared),
             retain_graph=retain_graph,
         )
-    weights = aggregation.weights if scale_task_params else None
-    coefficients = None if weights is None else weights.tolist()
-    for t, pairs in enumerate(grads.heads()):
-        for p, g in pairs:
-            _accumulate(p, g if coefficients is None else g * coefficients[t])
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
