@@ -105,3 +105,10 @@ def test_names_must_match_tensor_count() -> None:
 def test_unknown_cpu_kernel_set() -> None:
     with pytest.raises(ValueError, match="unknown CPU kernel set 'sse9'"):
         ops.set_cpu_kernels("sse9")
+
+
+def test_solver_says_the_gram_matrix_is_not_finite() -> None:
+    G = torch.eye(2, dtype=torch.float64)
+    G[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"the Gram matrix holds NaN or Inf at \(1, 1\)"):
+        torch.ops.mtlgrad.config_weights(G)

@@ -145,3 +145,45 @@ def test_single_thread_result_matches(cpu_kernels: str) -> None:
         torch.set_num_threads(threads)
     assert_gram_close(single, grads, 5)
     assert_gram_close(ops.gram(grads, 5), grads, 5)
+
+
+def test_finite_float64_input_whose_gram_overflows(cpu_kernels: str) -> None:
+    # Squares of 1e160 overflow float64, the gradients themselves are finite.
+    grads = random_task_grads([(100,), (7,)], 3, torch.float64, seed=12, scales=[1.0, 1e160, 1.0])
+    _, nonfinite = torch.ops.mtlgrad.gram(grads, 3)
+    assert nonfinite.tolist() == [-1, -1, -1]
+    with pytest.raises(ops.GramOverflowError) as info:
+        ops.gram(grads, 3)
+    assert not isinstance(info.value, ops.NonFiniteGradientError)
+    assert isinstance(info.value, ValueError)
+    assert info.value.tasks == [1]
+    assert "task 1" in str(info.value) and "1e154" in str(info.value)
+    with pytest.raises(ops.GramOverflowError, match="task 'depth'") as info:
+        ops.gram(grads, 3, task_names=["seg", "depth", "normals"])
+    assert info.value.task_names == ["depth"]
+    assert not torch.isfinite(ops.gram(grads, 3, check_finite=False)[1, 1])
+
+
+def test_nonfinite_error_names_the_task() -> None:
+    grads = random_task_grads([(10,), (20,)], 3, seed=13)
+    grads[2 * 2 + 1][3] = float("nan")
+    with pytest.raises(ops.NonFiniteGradientError) as info:
+        ops.gram(grads, 3, names=["w", "b"], task_names=["seg", "depth", "normals"])
+    assert info.value.tasks == [2]
+    assert info.value.task_names == ["normals"]
+    assert "task 'normals': parameter 'b' (tensor 1)" in str(info.value)
+    with pytest.raises(ops.NonFiniteGradientError, match="task 'normals': tensor 1"):
+        ops.graddrop(grads, 3, task_names=["seg", "depth", "normals"])
+    with pytest.raises(ValueError, match="got 2 task names for 3 tasks"):
+        ops.gram(grads, 3, task_names=["seg", "depth"])
+
+
+def test_check_gram_on_host_outputs() -> None:
+    G = torch.eye(2, dtype=torch.float64)
+    ops.check_gram(G, torch.tensor([-1, -1]))
+    with pytest.raises(ops.NonFiniteGradientError, match="task 'b': tensor 4"):
+        ops.check_gram(G, torch.tensor([-1, 4]), task_names=["a", "b"])
+    G[0, 1] = G[1, 0] = float("inf")  # every squared norm fits, their product does not
+    with pytest.raises(ops.GramOverflowError) as info:
+        ops.check_gram(G, torch.tensor([-1, -1]))
+    assert info.value.tasks == [0, 1]
