@@ -96,6 +96,56 @@ def test_gram_fp32_overflow_is_recomputed(num_tasks: int) -> None:
     torch.testing.assert_close(G[0, 0].item(), 1e43, rtol=1e-5, atol=0)
 
 
+MIXED_DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float64]
+MIXED_SHAPES = [(33, 31), (7,), (16385,), (0,), (2049,)]
+
+
+def mixed_task_grads(num_tasks: int, seed: int) -> list[torch.Tensor]:
+    grads = random_task_grads(MIXED_SHAPES, num_tasks, seed=seed)
+    return [g.to(MIXED_DTYPES[i % len(MIXED_SHAPES)]) for i, g in enumerate(grads)]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 8, 9, 40])
+def test_gram_mixed_dtypes_match_reference_and_cpu(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=11)
+    on_gpu = ops.gram(cuda(grads), num_tasks)
+    J = task_matrix(grads, num_tasks)
+    expected = J @ J.T
+    bound = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for dtype in set(MIXED_DTYPES):
+        part = [g for i, g in enumerate(grads) if MIXED_DTYPES[i % len(MIXED_SHAPES)] == dtype]
+        norms = task_matrix(part, num_tasks).norm(dim=1)
+        bound += TOLERANCE[dtype] * torch.outer(norms, norms)
+    assert ((on_gpu.cpu() - expected).abs() <= bound).all()
+    assert ((on_gpu.cpu() - ops.gram(grads, num_tasks)).abs() <= 2 * bound).all()
+    assert torch.equal(ops.gram(cuda(grads), num_tasks), on_gpu)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 12])
+def test_gram_mixed_dtypes_nonfinite_names_the_tensor_in_the_whole_list(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=12)
+    k = len(MIXED_SHAPES)
+    grads[1 * k + 4][100] = float("inf")  # task 1, tensor 4 (fp64)
+    grads[1 * k + 2][7] = float("nan")  # task 1, tensor 2 (fp16)
+    grads[2 * k + 1][1] = float("nan")  # task 2, tensor 1 (fp32)
+    _, nonfinite = torch.ops.mtlgrad.gram(cuda(grads), num_tasks)
+    expected = [-1] * num_tasks
+    expected[1], expected[2] = 2, 1
+    assert nonfinite.tolist() == expected
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_combine_mixed_dtypes_match_cpu(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=13)
+    weights = torch.randn(num_tasks, dtype=torch.float64)
+    on_cpu = ops.combine(grads, num_tasks, weights)
+    on_gpu = ops.combine(cuda(grads), num_tasks, weights.cuda())
+    for a, b, dtype in zip(on_cpu, on_gpu, MIXED_DTYPES):
+        assert b.dtype == dtype
+        tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tasks", [1, 3, 8, 64])
 def test_combine_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:

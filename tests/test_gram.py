@@ -86,6 +86,59 @@ def test_deterministic(cpu_kernels: str) -> None:
         assert torch.equal(ops.gram(grads, 8), first)
 
 
+MIXED = [
+    ((33, 31), torch.bfloat16),
+    ((7,), torch.float32),
+    ((1023,), torch.bfloat16),
+    ((5, 3), torch.float64),
+    ((0,), torch.float16),
+    ((2049,), torch.float16),
+    ((3000,), torch.float32),
+]
+
+
+def mixed_task_grads(num_tasks: int, seed: int = 0) -> list[torch.Tensor]:
+    """A task-major list whose tensor k has the dtype MIXED[k] for every task."""
+    grads = random_task_grads([shape for shape, _ in MIXED], num_tasks, seed=seed)
+    return [g.to(MIXED[i % len(MIXED)][1]) for i, g in enumerate(grads)]
+
+
+def group_of(grads: list[torch.Tensor], num_tasks: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    k = len(grads) // num_tasks
+    return [g for i, g in enumerate(grads) if MIXED[i % k][1] == dtype]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 9])
+def test_mixed_dtypes_across_tensors(cpu_kernels: str, num_tasks: int) -> None:
+    # E.g. a bf16 trunk with fp32 norm layers: tensor k has its own dtype, the same in every task.
+    grads = mixed_task_grads(num_tasks, seed=14)
+    result = ops.gram(grads, num_tasks)
+    J = task_matrix(grads, num_tasks)
+    expected = J @ J.T
+    bound = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    summed = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.float16):  # first-seen order
+        part = group_of(grads, num_tasks, dtype)
+        norms = task_matrix(part, num_tasks).norm(dim=1)
+        bound += TOLERANCE[dtype] * torch.outer(norms, norms)
+        summed += ops.gram(part, num_tasks)
+    assert ((result - expected).abs() <= bound).all()
+    # One pass per dtype, added in a fixed order: exactly the per-dtype results summed.
+    assert torch.equal(result, summed)
+    assert torch.equal(ops.gram(grads, num_tasks), result)
+
+
+def test_mixed_dtypes_nonfinite_names_the_tensor_in_the_whole_list(cpu_kernels: str) -> None:
+    grads = mixed_task_grads(3, seed=15)
+    k = len(MIXED)
+    grads[1 * k + 5][100] = float("inf")  # task 1, tensor 5 (fp16)
+    grads[1 * k + 6][7] = float("nan")  # task 1, tensor 6 (fp32)
+    grads[2 * k + 2][1] = float("nan")  # task 2, tensor 2 (bf16)
+    grads[2 * k + 3][0, 0] = float("-inf")  # task 2, tensor 3 (fp64)
+    _, nonfinite = torch.ops.mtlgrad.gram(grads, 3)
+    assert nonfinite.tolist() == [-1, 5, 2]
+
+
 def test_kernel_sets_agree() -> None:
     grads = random_task_grads(ODD_SHAPES + [(100_000,)], 6, seed=9)
     results = {}

@@ -40,14 +40,15 @@ __device__ __forceinline__ const scalar_t* task_row(const TaskTable& tab, int t,
 }
 
 // Scans elements i = first, first + stride, ... of task t's chunk; lowers nonfinite[t] to the
-// chunk's tensor when one is NaN/Inf. Returns whether one was.
+// chunk's tensor (its index in the whole list) when one is NaN/Inf. Returns whether one was.
 template <typename scalar_t>
 __device__ bool flag_nonfinite(const TaskTable& tab, const ChunkInfo& ch, int t, int first, int stride,
                                long long* nonfinite) {
   const scalar_t* row = task_row<scalar_t>(tab, t, ch);
   for (int i = first; i < ch.length; i += stride) {
     if (!isfinite(to_acc<double>(row[i]))) {
-      atomicMin(nonfinite + t, static_cast<long long>(ch.tensor));
+      const int32_t tensor = tab.ids != nullptr ? tab.ids[ch.tensor] : ch.tensor;
+      atomicMin(nonfinite + t, static_cast<long long>(tensor));
       return true;
     }
   }
@@ -214,15 +215,17 @@ __global__ void __launch_bounds__(256)
     for (int j = 0; j < 2; ++j) partials[base + (ty * 2 + i) * kTile + tx * 2 + j] = total[i][j];
 }
 
-// G (T x T, fp64) from the per-block partials, summed in block order; also turns the
-// "no non-finite value" marker of nonfinite into -1.
+// G (T x T, fp64) from the per-block partials, summed in block order, and added to `gram` when
+// `accumulate` (the groups of a list of several dtypes, in group order). The last launch
+// (`finalize`) turns the "no non-finite value" marker of nonfinite into -1.
 __global__ void gram_reduce_kernel(const double* partials, int blocks, int num_tasks, bool tiled,
-                                   int num_tile_blocks, double* gram, long long* nonfinite) {
+                                   int num_tile_blocks, bool accumulate, bool finalize, double* gram,
+                                   long long* nonfinite) {
   const int64_t pair = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t T = num_tasks;
   if (pair >= T * T) return;
   const int i = int(pair / T), j = int(pair % T);
-  if (i == j && nonfinite[i] == LLONG_MAX) nonfinite[i] = -1;
+  if (finalize && i == j && nonfinite[i] == LLONG_MAX) nonfinite[i] = -1;
   if (i > j) return;
   double s = 0;
   if (!tiled) {
@@ -238,6 +241,7 @@ __global__ void gram_reduce_kernel(const double* partials, int blocks, int num_t
     for (int b = 0; b < blocks; ++b)
       s += partials[(int64_t(b) * num_tile_blocks + tb) * kTile * kTile + within];
   }
+  if (accumulate) s += gram[int64_t(i) * T + j];
   gram[int64_t(i) * T + j] = s;
   gram[int64_t(j) * T + i] = s;
 }

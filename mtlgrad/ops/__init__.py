@@ -150,7 +150,9 @@ def gram(
 
     Args:
         grads: task-major list of ``num_tasks * K`` tensors (float32, float64, float16 or
-            bfloat16, all one dtype and device; contiguous or not).
+            bfloat16, on one device; contiguous or not). Tensor k may have any of these dtypes
+            (e.g. a bf16 trunk with fp32 norm layers), the same in every task; each dtype is
+            summed in its own precision, in one pass over its tensors.
         num_tasks: T, the number of tasks.
         check_finite: raise :class:`NonFiniteGradientError` when a task's gradient holds NaN or
             Inf (the check is fused into the kernel), and :class:`GramOverflowError` when every
@@ -191,9 +193,9 @@ def combine(
         num_tasks: T, the number of tasks.
         weights: T weights (a 1-D floating tensor on the gradients' device, or a sequence of
             floats). Accumulation is in fp32 (fp64 for fp64 gradients).
-        out: K tensors to write into (same shapes, dtype and device as a task's gradients). They
-            may be non-contiguous or alias one of the inputs (e.g. task 0's gradients). Allocated
-            when omitted. On an error nothing is written.
+        out: K tensors to write into (``out[k]`` with the shape, dtype and device of tensor k
+            of a task). They may be non-contiguous or alias one of the inputs (e.g. task 0's
+            gradients). Allocated when omitted. On an error nothing is written.
 
     Returns:
         The K output tensors.
