@@ -123,7 +123,7 @@ std::vector<const void*> contiguous_pointers(at::TensorList tensors, std::vector
 }
 
 std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList grads, at::TensorList out,
-                                   std::vector<at::Tensor>& staged) {
+                                   std::vector<at::Tensor>& staged, bool accumulate) {
   const int64_t K = layout.num_tensors;
   staged.assign(static_cast<size_t>(K), at::Tensor());
   std::vector<void*> ptrs(static_cast<size_t>(K));
@@ -131,7 +131,10 @@ std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList 
     bool direct = out[k].is_contiguous();
     for (int64_t t = 0; direct && t < layout.num_tasks; ++t)
       direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
-    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    if (!direct) {
+      staged[k] = accumulate ? out[k].clone(at::MemoryFormat::Contiguous)
+                             : at::empty(out[k].sizes(), out[k].options());
+    }
     ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
   }
   return ptrs;

@@ -75,9 +75,10 @@ std::vector<const void*> contiguous_pointers(at::TensorList tensors, std::vector
 
 // Where an op writes output k: out[k] itself when it is contiguous and shares no memory with any
 // task's tensor k (the kernels read the inputs while they write), else a fresh tensor in
-// `staged[k]`, to be copied into out[k] afterwards (see copy_staged).
+// `staged[k]`, to be copied into out[k] afterwards (see copy_staged). With `accumulate` (an op
+// that adds to out) a staged output starts as a contiguous copy of out[k].
 std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList grads, at::TensorList out,
-                                   std::vector<at::Tensor>& staged);
+                                   std::vector<at::Tensor>& staged, bool accumulate = false);
 
 // out[k].copy_(staged[k]) for every staged output.
 void copy_staged(at::TensorList out, const std::vector<at::Tensor>& staged);

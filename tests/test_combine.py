@@ -13,11 +13,16 @@ ODD_SHAPES = [(1,), (7,), (1023,), (33, 31), (0,), (4, 0, 3), (2049,)]
 RTOL = {torch.float32: 1e-6, torch.float64: 1e-14, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def assert_combine_close(out, grads, num_tasks, weights) -> None:
+def assert_combine_close(out, grads, num_tasks, weights, out_old=None) -> None:
+    """out == out_old + sum_t w_t g_t (out_old: the outputs' values before an accumulate)."""
     J = task_matrix(grads, num_tasks)
     w = torch.as_tensor(weights, dtype=torch.float64)
     expected = w @ J
     scale = w.abs() @ J.abs()
+    if out_old is not None:
+        old = torch.cat([o.reshape(-1).double() for o in out_old])
+        expected = expected + old
+        scale = scale + old.abs()
     got = torch.cat([o.reshape(-1).double() for o in out]) if out else torch.zeros(0)
     error = (got - expected).abs()
     finfo = torch.finfo(grads[0].dtype)
@@ -101,6 +106,42 @@ def test_mixed_dtypes_across_tensors(cpu_kernels: str, num_tasks: int) -> None:
         assert_combine_close(out[k : k + 1], column, num_tasks, weights)
         alone = ops.combine(column, num_tasks, weights)[0]
         assert torch.equal(out[k], alone), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tasks", [1, 3, 5, 8])
+def test_accumulate_adds_to_out(cpu_kernels: str, dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    out = random_task_grads(ODD_SHAPES, 1, dtype, seed=100 + num_tasks)
+    out_old = [o.clone() for o in out]
+    weights = torch.randn(
+        num_tasks, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    returned = ops.combine(grads, num_tasks, weights, out, accumulate=True)
+    assert all(r is o for r, o in zip(returned, out))
+    assert_combine_close(out, grads, num_tasks, weights, out_old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_into_task_0s_gradient_and_non_contiguous_out(
+    cpu_kernels: str, dtype: torch.dtype
+) -> None:
+    grads = random_task_grads([(5000,), (40, 30)], 3, dtype, seed=10)
+    inputs = [g.clone() for g in grads]
+    weights = [0.5, -2.0, 1.5]
+    ops.combine(grads, 3, weights, out=grads[0:2], accumulate=True)  # out aliases task 0
+    assert_combine_close(grads[0:2], inputs, 3, weights, out_old=inputs[0:2])
+    out = [torch.randn(5000, dtype=torch.float64).to(dtype)[::1], torch.randn(30, 40).to(dtype).T]
+    assert not out[1].is_contiguous()
+    out_old = [o.clone() for o in out]
+    ops.combine(inputs, 3, weights, out, accumulate=True)
+    assert_combine_close(out, inputs, 3, weights, out_old)
+
+
+def test_accumulate_needs_out() -> None:
+    grads = random_task_grads([(10,)], 2)
+    with pytest.raises(ValueError, match="accumulate=True adds to out, so out must be given"):
+        ops.combine(grads, 2, [1.0, 1.0], accumulate=True)
 
 
 def test_deterministic(cpu_kernels: str) -> None:

@@ -177,6 +177,47 @@ def test_combine_unaligned_aliased_and_non_contiguous() -> None:
     torch.testing.assert_close(transposed_out[0], inputs[0] - 2 * inputs[1] + 0.5 * inputs[2])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_combine_accumulate_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    out_old = random_task_grads(ODD_SHAPES, 1, dtype, seed=50 + num_tasks)
+    weights = torch.randn(num_tasks, dtype=torch.float64)
+    on_cpu = ops.combine(grads, num_tasks, weights, [o.clone() for o in out_old], accumulate=True)
+    on_gpu = cuda(out_old)
+    ops.combine(cuda(grads), num_tasks, weights.cuda(), on_gpu, accumulate=True)
+    J = task_matrix(grads, num_tasks)
+    old = torch.cat([o.reshape(-1).double() for o in out_old])
+    expected = old + weights @ J
+    scale = old.abs() + weights.abs() @ J.abs()
+    got = torch.cat([o.cpu().reshape(-1).double() for o in on_gpu])
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-14}.get(dtype, 1e-6)
+    finfo = torch.finfo(dtype)
+    assert ((got - expected).abs() <= rtol * num_tasks * scale + finfo.smallest_normal).all()
+    for a, b in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_accumulate_aliased_and_non_contiguous(dtype: torch.dtype) -> None:
+    grads = cuda(random_task_grads([(5000,), (40, 30)], 3, dtype, seed=14))
+    inputs = [g.clone() for g in grads]
+    weights = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64, device="cuda")
+    expected = ops.combine(inputs, 3, weights, [g.clone() for g in inputs[:2]], accumulate=True)
+    ops.combine(grads, 3, weights, out=grads[0:2], accumulate=True)  # out aliases task 0
+    for a, b in zip(grads[:2], expected):
+        torch.testing.assert_close(a, b)
+    out = [
+        torch.randn(5000, device="cuda").to(dtype),
+        torch.randn(30, 40, device="cuda").to(dtype).T,
+    ]
+    reference = [o.clone(memory_format=torch.contiguous_format) for o in out]
+    ops.combine(inputs, 3, weights, out, accumulate=True)
+    ops.combine(inputs, 3, weights, reference, accumulate=True)
+    for a, b in zip(out, reference):
+        torch.testing.assert_close(a, b)
+
+
 def test_combine_deterministic() -> None:
     grads = cuda(random_task_grads([(300_001,)], 8, seed=7))
     weights = torch.rand(8, dtype=torch.float64, device="cuda")

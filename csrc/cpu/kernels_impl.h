@@ -7,8 +7,8 @@
 // computed, the chunk stays in L1/L2 while the tiles re-read it, and each chunk's fp32 (fp64
 // for fp64 input) sums are added to the fp64 result in chunk order.
 //
-// combine: out = sum_t w_t g_t over pieces of at most kCombineBlock elements of one tensor,
-// four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input).
+// combine: out = sum_t w_t g_t (or out += ...) over pieces of at most kCombineBlock elements of one
+// tensor, four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input).
 #pragma once
 
 #include <cstdlib>
@@ -368,7 +368,7 @@ static inline void weighted_rows(S* dst, const In* const* rows, const S* w, int6
 
 template <typename In, typename S>
 static void combine_range(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
-                          int64_t end) {
+                          int64_t end, bool accumulate) {
   using V = typename Simd<S>::V;
   constexpr int W = Simd<S>::W;
   const int64_t T = g.num_tasks;
@@ -388,12 +388,18 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
       dst = static_cast<S*>(out[k]) + local;
     } else {
       dst = acc.data;
+      if (accumulate) {  // out's values join the sum in the working precision
+        const In* o = static_cast<const In*>(out[k]) + local;
+        int64_t e = 0;
+        for (; e + W <= n; e += W) vstore(dst + e, V(load_as(o + e)));
+        for (; e < n; ++e) dst[e] = scalar_as<S>(o[e]);
+      }
     }
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       const In* rows[4];
       const int m = int(min64(4, T - t0));
       for (int j = 0; j < m; ++j) rows[j] = static_cast<const In*>(g.data[(t0 + j) * K + k]) + local;
-      const bool first = t0 == 0;
+      const bool first = t0 == 0 && !accumulate;
       switch (m) {
         case 1:
           weighted_rows<In, S, 1>(dst, rows, w.data + t0, n, first);
@@ -419,17 +425,17 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
   }
 }
 
-static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
-                    int64_t end) {
+static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin, int64_t end,
+                    bool accumulate) {
   switch (g.dtype) {
     case DType::Float32:
-      return combine_range<float, float>(g, weights, out, begin, end);
+      return combine_range<float, float>(g, weights, out, begin, end, accumulate);
     case DType::Float64:
-      return combine_range<double, double>(g, weights, out, begin, end);
+      return combine_range<double, double>(g, weights, out, begin, end, accumulate);
     case DType::Float16:
-      return combine_range<Half16, float>(g, weights, out, begin, end);
+      return combine_range<Half16, float>(g, weights, out, begin, end, accumulate);
     case DType::BFloat16:
-      return combine_range<BFloat16, float>(g, weights, out, begin, end);
+      return combine_range<BFloat16, float>(g, weights, out, begin, end, accumulate);
   }
 }
 

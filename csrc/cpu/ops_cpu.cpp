@@ -107,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList grads, int64_t num_ta
   return {gram, nonfinite};
 }
 
-void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out) {
+void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out,
+                 bool accumulate) {
   const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks, DTypes::PerTensor);
   check_combine_args(layout, grads, weights, out, c10::kCPU);
   const int64_t K = layout.num_tensors;
@@ -119,9 +120,10 @@ void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weig
   const at::Tensor w = weights.to(at::kDouble).contiguous();
 
   // Outputs that are not contiguous, or that share memory with an input (e.g. writing the result
-  // over task 0's gradient), are computed into a fresh tensor and copied at the end.
+  // over task 0's gradient), are computed into a fresh tensor (a copy of out with accumulate) and
+  // copied at the end.
   std::vector<at::Tensor> staged;
-  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged, accumulate);
 
   const cpu::Kernels& kernels = cpu::active_kernels();
   const double* wp = w.data_ptr<double>();
@@ -131,7 +133,7 @@ void combine_cpu(at::TensorList grads, int64_t num_tasks, const at::Tensor& weig
     const cpu::TaskTensors tasks{num_tasks, static_cast<int64_t>(group.tensors.size()),
                                  to_kernel_dtype(group.dtype), group_ptrs.data(), group.offsets.data()};
     at::parallel_for(0, group.numel_per_task(), 1 << 16, [&](int64_t begin, int64_t end) {
-      kernels.combine(tasks, wp, group_out.data(), begin, end);
+      kernels.combine(tasks, wp, group_out.data(), begin, end, accumulate);
     });
   }
   copy_staged(out, staged);

@@ -16,9 +16,11 @@ struct alignas(16) Pack {
   scalar_t v[N];
 };
 
+// With `accumulate`, out[k] += Σ_t w_t g_t[k]: out is read once, summed with the products in the
+// accumulation precision and written once.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(256)
-    combine_kernel(TaskTable tab, void* const* out_ptrs, const double* weights) {
+    combine_kernel(TaskTable tab, void* const* out_ptrs, const double* weights, bool accumulate) {
   extern __shared__ unsigned char shared_bytes[];
   acc_t* w = reinterpret_cast<acc_t*>(shared_bytes);
   for (int t = threadIdx.x; t < tab.num_tasks; t += blockDim.x) w[t] = static_cast<acc_t>(weights[t]);
@@ -33,8 +35,14 @@ __global__ void __launch_bounds__(256)
     const int vectors = vector ? ch.length / V : 0;
     for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
       acc_t acc[V];
+      if (accumulate) {
+        const P o = reinterpret_cast<const P*>(out)[i];
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] = 0;
+        for (int j = 0; j < V; ++j) acc[j] = to_acc<acc_t>(o.v[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] = 0;
+      }
       for (int t = 0; t < tab.num_tasks; ++t) {
         const P x = reinterpret_cast<const P*>(task_row<scalar_t>(tab, t, ch))[i];
         const acc_t wt = w[t];
@@ -47,7 +55,7 @@ __global__ void __launch_bounds__(256)
       reinterpret_cast<P*>(out)[i] = y;
     }
     for (int i = vectors * V + threadIdx.x; i < ch.length; i += blockDim.x) {  // tail / unaligned
-      acc_t acc = 0;
+      acc_t acc = accumulate ? to_acc<acc_t>(out[i]) : acc_t(0);
       for (int t = 0; t < tab.num_tasks; ++t) acc += w[t] * to_acc<acc_t>(task_row<scalar_t>(tab, t, ch)[i]);
       out[i] = static_cast<scalar_t>(acc);
     }

@@ -161,16 +161,17 @@ std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList grads, int64_t num_t
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_combine(const TaskTable& tab, void* const* out_ptrs, const double* weights) {
+void launch_combine(const TaskTable& tab, void* const* out_ptrs, const double* weights, bool accumulate) {
   const int blocks =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, 8 * multiprocessor_count())));
   const size_t shared = sizeof(acc_t) * static_cast<size_t>(tab.num_tasks);
   combine_kernel<scalar_t, acc_t>
-      <<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(tab, out_ptrs, weights);
+      <<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(tab, out_ptrs, weights, accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out) {
+void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out,
+                  bool accumulate) {
   const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks, DTypes::PerTensor);
   check_combine_args(layout, grads, weights, out, layout.num_tensors > 0 ? layout.device : weights.device());
   const int64_t K = layout.num_tensors;
@@ -180,9 +181,10 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
   const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
   const at::Tensor w = weights.to(at::kDouble).contiguous();
 
-  // Outputs that are not contiguous or overlap an input are computed apart and copied at the end.
+  // Outputs that are not contiguous or overlap an input are computed apart (in a copy of out with
+  // accumulate) and copied at the end.
   std::vector<at::Tensor> staged;
-  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged, accumulate);
   // One launch per dtype group (one for a list of one dtype).
   const std::vector<DTypeGroup> groups = dtype_groups(layout);
   std::vector<at::Tensor> storage(groups.size());
@@ -193,7 +195,7 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
         table_with_outputs(group.task_major(ptrs, num_tasks, K), group.per_tensor(out_ptrs),
                            tensor_sizes(group), num_tasks, layout.device, storage[i], device_out);
     dispatch_dtype(group.dtype, [&]<typename scalar_t, typename acc_t>() {
-      launch_combine<scalar_t, acc_t>(tab, device_out, w.data_ptr<double>());
+      launch_combine<scalar_t, acc_t>(tab, device_out, w.data_ptr<double>(), accumulate);
     });
   }
   copy_staged(out, staged);

@@ -185,8 +185,13 @@ def combine(
     num_tasks: int,
     weights: Tensor | Sequence[float],
     out: Sequence[Tensor] | None = None,
+    *,
+    accumulate: bool = False,
 ) -> list[Tensor]:
     """Weighted sum of the task gradients: ``out[k] = sum_t weights[t] * grads[t * K + k]``.
+
+    With ``accumulate=True`` the sum is added to ``out`` instead, in the same pass (``out`` is
+    read once and written once, e.g. gradient accumulation into an existing ``.grad``).
 
     Args:
         grads: task-major list of ``num_tasks * K`` tensors, as for :func:`gram`.
@@ -196,12 +201,16 @@ def combine(
         out: K tensors to write into (``out[k]`` with the shape, dtype and device of tensor k
             of a task). They may be non-contiguous or alias one of the inputs (e.g. task 0's
             gradients). Allocated when omitted. On an error nothing is written.
+        accumulate: add to ``out`` (which must then be given): ``out[k] + sum_t w_t g_t``,
+            rounded once to ``out[k]``'s dtype.
 
     Returns:
         The K output tensors.
     """
     grads = list(grads)
     k = num_tensors(grads, num_tasks, "mtlgrad.combine")
+    if accumulate and out is None:
+        raise ValueError("mtlgrad.combine: accumulate=True adds to out, so out must be given")
     if not isinstance(weights, Tensor):
         device = grads[0].device if grads else None
         weights = torch.tensor(list(weights), dtype=torch.float64, device=device)
@@ -220,7 +229,7 @@ def combine(
                 f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task"
             )
         return out
-    torch.ops.mtlgrad.combine(grads, num_tasks, weights, out)
+    torch.ops.mtlgrad.combine(grads, num_tasks, weights, out, accumulate)
     return out
 
 

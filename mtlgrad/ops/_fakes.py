@@ -22,7 +22,13 @@ def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.register_fake("mtlgrad::combine")
-def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: list[Tensor]) -> None:
+def _combine_fake(
+    grads: list[Tensor],
+    num_tasks: int,
+    weights: Tensor,
+    out: list[Tensor],
+    accumulate: bool = False,
+) -> None:
     op = "mtlgrad.combine"
     k = check_task_grads(op, grads, num_tasks, per_tensor_dtypes=True)
     if weights.dim() != 1 or weights.numel() != num_tasks:
