@@ -146,6 +146,25 @@ def test_combine_mixed_dtypes_match_cpu(num_tasks: int) -> None:
         torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-20, 1e-25, 1e-30, 1e-35])
+@pytest.mark.parametrize("num_tasks", [1, 4, 8, 9, 40])
+def test_gram_fp32_underflow_is_recomputed(
+    dtype: torch.dtype, scale: float, num_tasks: int
+) -> None:
+    scales = [scale] * num_tasks
+    scales[num_tasks // 2] = 1.0  # an ordinary task next to the tiny ones
+    grads = random_task_grads([(40000,), (7,)], num_tasks, dtype, seed=15, scales=scales)
+    grads[0] = torch.zeros_like(grads[0])  # task 0 does not reach tensor 0
+    G = ops.gram(cuda(grads), num_tasks)
+    assert_gram_close(G, grads, num_tasks)
+    J = task_matrix(grads, num_tasks)
+    torch.testing.assert_close(G.diagonal().cpu(), (J * J).sum(dim=1), rtol=1e-6, atol=0)
+    norms = J.norm(dim=1)
+    bound = 2 * TOLERANCE[dtype] * torch.outer(norms, norms)
+    assert ((G.cpu() - ops.gram(grads, num_tasks)).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tasks", [1, 3, 8, 64])
 def test_combine_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:

@@ -165,6 +165,52 @@ def test_fp32_overflow_within_a_chunk_is_recomputed_in_fp64(cpu_kernels: str) ->
     torch.testing.assert_close(result, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-20, 1e-25, 1e-30, 1e-35])
+@pytest.mark.parametrize("num_tasks", [1, 4, 9])
+def test_fp32_underflow_within_a_chunk_is_recomputed_in_fp64(
+    cpu_kernels: str, dtype: torch.dtype, scale: float, num_tasks: int
+) -> None:
+    # Products of two 1e-25 values are below fp32's subnormals: the chunk is summed in fp64.
+    scales = [scale] * num_tasks
+    scales[num_tasks // 2] = 1.0  # an ordinary task next to the tiny ones
+    grads = random_task_grads([(5000,), (7,), (300, 3)], num_tasks, dtype, seed=16, scales=scales)
+    assert_gram_close(ops.gram(grads, num_tasks), grads, num_tasks)
+    tiny = random_task_grads([(5000,), (7,)], num_tasks, dtype, seed=17, scales=[scale] * num_tasks)
+    zero = [torch.zeros_like(g) for g in tiny[:2]]  # a task that reaches no parameter
+    for grads in (tiny, zero + tiny[2:]):
+        result = ops.gram(grads, num_tasks)
+        assert_gram_close(result, grads, num_tasks)
+        J = task_matrix(grads, num_tasks)
+        torch.testing.assert_close(result.diagonal(), (J * J).sum(dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-25, 1e-30, 1e-35])
+def test_aggregators_are_unchanged_by_tiny_gradients(dtype: torch.dtype, scale: float) -> None:
+    from mtlgrad.aggregators import IMTLG, MGDA, ConFIG, NashMTL, UPGrad
+
+    gen = torch.Generator().manual_seed(18)
+    J = torch.randn(4, 5000, generator=gen, dtype=torch.float64)
+    J[1] -= 1.5 * J[0] * (J[0] @ J[1]).sign()  # conflicting tasks
+    J[3] = -0.5 * J[2] + 0.1 * J[3]
+    # The outputs are rounded to the input's dtype: bf16 directions agree to about 2^-9.
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-3}[dtype]
+    for make in (UPGrad, MGDA, IMTLG, ConFIG, NashMTL):
+        tiny = make()((J * scale).to(dtype)).double()
+        assert torch.isfinite(tiny).all() and tiny.norm() > 0, make.__name__
+        direction = tiny / tiny.norm()
+        # The same input rows in float64 (whose Gram matrix does not underflow), and for fp32
+        # the rows at scale 1 (bf16 rounds the scaled rows differently).
+        expected = make()((J * scale).to(dtype).double())
+        error = (direction - expected / expected.norm()).norm()
+        assert error <= tolerance, f"{make.__name__}: {error:.3g}"
+        if dtype == torch.float32:
+            at_one = make()(J.to(dtype)).double()
+            error = (direction - at_one / at_one.norm()).norm()
+            assert error <= 1e-4, f"{make.__name__} against scale 1: {error:.3g}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_is_reported_per_task_and_tensor(

@@ -5,7 +5,8 @@
 // pairs), and rectangular tiles of kRectRows x kGroup tasks between groups. Every tile keeps its
 // accumulators in registers for the whole chunk, so exactly the T(T+1)/2 unique pairs are
 // computed, the chunk stays in L1/L2 while the tiles re-read it, and each chunk's fp32 (fp64
-// for fp64 input) sums are added to the fp64 result in chunk order.
+// for fp64 input) sums are added to the fp64 result in chunk order. A chunk whose fp32 sums
+// overflow (finite input) or may have underflowed (precision.h) is summed again in fp64.
 //
 // combine: out = sum_t w_t g_t (or out += ...) over pieces of at most kCombineBlock elements of one
 // tensor, four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input).
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "../precision.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -252,6 +254,31 @@ static inline void convert_run(const In* src, S* dst, int64_t n, int64_t prefetc
 
 // ---- gram -----------------------------------------------------------------------------------
 
+// Whether any of x[0..n) (n a multiple of the vector width) is nonzero (-0 counts as zero).
+static inline bool any_nonzero(const float* x, int64_t n) {
+  typedef uint32_t Bits __attribute__((vector_size(kVectorBytes)));
+  constexpr int W = Simd<float>::W;
+  Bits any{};
+  for (int64_t e = 0; e < n; e += W) any |= vload<Bits>(x + e);
+  any &= broadcast<Bits>(uint32_t(0x7fffffffu));
+  for (int i = 0; i < W; ++i)
+    if (any[i] != 0) return true;
+  return false;
+}
+
+// Whether some task's fp32 products over a chunk may have underflowed (see precision.h): its sum
+// of squares is below the bound while one of its elements is nonzero.
+template <typename S>
+static bool chunk_underflowed(const S* const* rows, int64_t T, int64_t padded, const S* sums) {
+  if constexpr (std::is_same_v<S, double>) {
+    return false;
+  } else {
+    for (int64_t t = 0; t < T; ++t)
+      if (sums[pair_index(t, t, T)] < kTinyChunkSumOfSquares && any_nonzero(rows[t], padded)) return true;
+    return false;
+  }
+}
+
 template <typename In, typename S>
 static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk_end, double* gram,
                         int64_t* first_nonfinite) {
@@ -264,6 +291,12 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
   Buffer<S> scratch(T * L);
   Buffer<S> sums(pairs);
   Buffer<const S*> rows(T);
+  // fp64 copies of a chunk whose fp32 sums over- or underflowed (allocated, never touched, for
+  // the chunks that do not).
+  constexpr bool narrow = !std::is_same_v<S, double>;
+  Buffer<double> wide(narrow ? T * L : 0);
+  Buffer<double> wide_sums(narrow ? pairs : 0);
+  Buffer<const double*> wide_rows(narrow ? T : 0);
 
   int64_t k = 0;  // the tensor holding the chunk's first element
   for (int64_t c = chunk_begin; c < chunk_end; ++c) {
@@ -297,29 +330,31 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
 
     bool finite = true;
     for (int64_t p = 0; p < pairs; ++p) finite &= bool(std::isfinite(sums.data[p]));
+    // Either some task has NaN/Inf here (report it, keep the non-finite sums), or the fp32 sums
+    // overflowed or underflowed: then redo this chunk in fp64.
+    bool redo = finite ? chunk_underflowed<S>(rows.data, T, padded, sums.data) : narrow;
     if (!finite) {
-      // Either some task has NaN/Inf here (report it, keep the non-finite sums), or the sums
-      // overflowed the working precision: redo this chunk in fp64.
-      bool has_nonfinite_input = false;
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t e = 0; e < n; ++e) {
           if (!std::isfinite(rows.data[t][e])) {
             int64_t kk = k;
             while (off[kk + 1] <= e0 + e) ++kk;
             if (kk < first_nonfinite[t]) first_nonfinite[t] = kk;
-            has_nonfinite_input = true;
+            redo = false;
             break;
           }
         }
       }
-      if (!has_nonfinite_input) {
-        for (int64_t i = 0; i < T; ++i) {
-          for (int64_t j = i; j < T; ++j) {
-            double s = 0;
-            for (int64_t e = 0; e < n; ++e) s += double(rows.data[i][e]) * double(rows.data[j][e]);
-            gram[pair_index(i, j, T)] += s;
-          }
+    }
+    if constexpr (narrow) {
+      if (redo) {
+        for (int64_t t = 0; t < T; ++t) {
+          double* dst = wide.data + t * L;
+          for (int64_t e = 0; e < padded; ++e) dst[e] = double(rows.data[t][e]);
+          wide_rows.data[t] = dst;
         }
+        chunk_products<double>(wide_rows.data, T, padded, wide_sums.data);
+        for (int64_t p = 0; p < pairs; ++p) gram[p] += wide_sums.data[p];
         continue;
       }
     }
