@@ -144,6 +144,69 @@ def test_accumulate_needs_out() -> None:
         ops.combine(grads, 2, [1.0, 1.0], accumulate=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_weights_beyond_float32s_range(
+    cpu_kernels: str, dtype: torch.dtype, accumulate: bool
+) -> None:
+    # w = 1e60 and 1e-60 cannot be cast to fp32; products with gradients of 1e-30 and 1e30 fit.
+    gen = torch.Generator().manual_seed(11)
+    n = 3000
+    masks = torch.rand(3, n, generator=gen) < torch.tensor([[0.3], [0.5], [0.7]])
+    J = torch.randn(3, n, generator=gen, dtype=torch.float64) * masks
+    tiny, huge = (1e-30, 1e30) if dtype != torch.float16 else (1.0, 1.0)
+    J[0] *= tiny
+    J[1] *= huge
+    for weights in ([1e60, 1e-60, 1.0], [-1e60, 2e-60, -0.5], [0.0, 1e-60, 1.0]):
+        grads = [J[t].to(dtype)[: n - 1] for t in range(3)] + [
+            J[t].to(dtype)[n - 1 :] for t in range(3)
+        ]
+        grads = grads[0::3] + grads[1::3] + grads[2::3]  # task-major: 2 tensors per task
+        out = [torch.ones(n - 1, dtype=dtype), torch.ones(1, dtype=dtype)]
+        ops.combine(grads, 3, weights, out, accumulate=accumulate)
+        got = torch.cat([o.double() for o in out])
+        w = torch.tensor(weights, dtype=torch.float64)
+        exact = w @ task_matrix(grads, 3) + (1.0 if accumulate else 0.0)
+        expected = exact.to(dtype).double()  # fp16: 1e60 * g overflows to inf, 1e-60 * g to 0
+        assert torch.equal(got.isnan(), expected.isnan()) and not got.isnan().any()
+        assert torch.equal(got.isinf(), expected.isinf())
+        finite = expected.isfinite()
+        scale = (w.abs() @ task_matrix(grads, 3).abs() + float(accumulate))[finite]
+        error = (got[finite] - exact[finite]).abs()
+        finfo = torch.finfo(dtype)
+        assert (error <= 3 * RTOL[dtype] * scale + finfo.smallest_normal * finfo.eps).all()
+        if dtype != torch.float16:
+            assert finite.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pcgrad_on_badly_scaled_conflicting_rows(cpu_kernels: str, dtype: torch.dtype) -> None:
+    # Rows of norms 1e30, 1e-30 and 1 that conflict: PCGrad's weights reach about 1e60, while the
+    # update J^T w fits in fp32 easily.
+    from mtlgrad.aggregators import PCGrad
+
+    gen = torch.Generator().manual_seed(12)
+    J = torch.randn(3, 2000, generator=gen, dtype=torch.float64)
+    J[1] = -J[0] + 0.3 * J[1]
+    J[2] = -0.5 * J[1] + J[2]
+    J = (
+        J
+        / J.norm(dim=1, keepdim=True)
+        * torch.tensor([[1e30], [1e-30], [1.0]], dtype=torch.float64)
+    )
+    J = J.to(dtype)
+    d = PCGrad(generator=torch.Generator().manual_seed(0))(J).double()
+    w = PCGrad(generator=torch.Generator().manual_seed(0)).weights(ops.gram(list(J), 3))
+    assert w.abs().max() > 1e50
+    expected = w @ J.double()
+    assert torch.isfinite(d).all()
+    error = (d - expected).abs()
+    assert (error <= 3 * RTOL[dtype] * (w.abs() @ J.double().abs())).all()
+    # And against the float64 rows (whose Gram matrix and sum are float64 throughout).
+    d64 = PCGrad(generator=torch.Generator().manual_seed(0))(J.double())
+    assert (d - d64).norm() <= 1e-5 * d64.norm() + RTOL[dtype] * expected.norm()
+
+
 def test_deterministic(cpu_kernels: str) -> None:
     grads = random_task_grads([(300_001,)], 8, seed=6)
     weights = torch.rand(8, dtype=torch.float64)

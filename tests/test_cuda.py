@@ -237,6 +237,55 @@ def test_combine_accumulate_aliased_and_non_contiguous(dtype: torch.dtype) -> No
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_combine_weights_beyond_float32s_range(dtype: torch.dtype, accumulate: bool) -> None:
+    # Weights 1e60 and 1e-60 are summed in fp64; products with rows of 1e-30 and 1e30 fit.
+    gen = torch.Generator().manual_seed(16)
+    n = 20000
+    masks = torch.rand(3, n, generator=gen) < torch.tensor([[0.3], [0.5], [0.7]])
+    J = torch.randn(3, n, generator=gen, dtype=torch.float64) * masks
+    if dtype != torch.float16:
+        J[0] *= 1e-30
+        J[1] *= 1e30
+    weights = torch.tensor([1e60, -1e-60, 1.0], dtype=torch.float64)
+    grads = [J[t].to(dtype) for t in range(3)]
+    out = [torch.ones(n, dtype=dtype, device="cuda")]
+    ops.combine(cuda(grads), 3, weights.cuda(), out, accumulate=accumulate)
+    on_cpu = ops.combine(grads, 3, weights, [torch.ones(n, dtype=dtype)], accumulate=accumulate)
+    got = out[0].cpu().double()
+    exact = weights @ task_matrix(grads, 3) + float(accumulate)
+    expected = exact.to(dtype).double()
+    assert not got.isnan().any()
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    scale = (weights.abs() @ task_matrix(grads, 3).abs() + float(accumulate))[finite]
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+    finfo = torch.finfo(dtype)
+    assert ((got - exact)[finite].abs() <= rtol * scale + finfo.smallest_normal * finfo.eps).all()
+    assert torch.equal(got.isfinite(), on_cpu[0].double().isfinite())
+    torch.testing.assert_close(got[finite], on_cpu[0].double()[finite], rtol=rtol, atol=0)
+
+
+def test_pcgrad_on_badly_scaled_rows_on_cuda() -> None:
+    from mtlgrad.aggregators import PCGrad
+
+    gen = torch.Generator().manual_seed(17)
+    J = torch.randn(3, 2000, generator=gen, dtype=torch.float64)
+    J[1] = -J[0] + 0.3 * J[1]
+    J[2] = -0.5 * J[1] + J[2]
+    J = (
+        J
+        / J.norm(dim=1, keepdim=True)
+        * torch.tensor([[1e30], [1e-30], [1.0]], dtype=torch.float64)
+    )
+    J = J.float()
+    on_gpu = PCGrad(generator=torch.Generator().manual_seed(0))(J.cuda()).cpu().double()
+    reference = PCGrad(generator=torch.Generator().manual_seed(0))(J.double())
+    assert torch.isfinite(on_gpu).all()
+    assert (on_gpu - reference).norm() <= 1e-5 * reference.norm()
+
+
 def test_combine_deterministic() -> None:
     grads = cuda(random_task_grads([(300_001,)], 8, seed=7))
     weights = torch.rand(8, dtype=torch.float64, device="cuda")

@@ -9,7 +9,8 @@
 // overflow (finite input) or may have underflowed (precision.h) is summed again in fp64.
 //
 // combine: out = sum_t w_t g_t (or out += ...) over pieces of at most kCombineBlock elements of one
-// tensor, four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input).
+// tensor, four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input, and for
+// any input when a weight lies outside fp32's safe band, see precision.h).
 #pragma once
 
 #include <cstdlib>
@@ -378,20 +379,43 @@ static void gram(const TaskTensors& g, int64_t chunk_begin, int64_t chunk_end, d
 
 // ---- combine --------------------------------------------------------------------------------
 
+// Whether 16- or 32-bit input In is summed in fp64 (weights outside the fp32-safe band, see
+// precision.h): its vectors are then converted a FloatVec at a time, into two DoubleVecs.
+template <typename In, typename S>
+constexpr bool kWidened = std::is_same_v<S, double> && !std::is_same_v<In, double>;
+
 // dst[0..n) (+)= sum_j w[j] * rows[j][0..n) for M rows; `first` overwrites instead of adding.
 template <typename In, typename S, int M>
 static inline void weighted_rows(S* dst, const In* const* rows, const S* w, int64_t n, bool first) {
   using V = typename Simd<S>::V;
-  constexpr int W = Simd<S>::W;
+  int64_t e = 0;
   V wv[M];
 #pragma GCC unroll 4
   for (int j = 0; j < M; ++j) wv[j] = broadcast<V>(w[j]);
-  int64_t e = 0;
-  for (; e + W <= n; e += W) {
-    V s = first ? V{} : vload<V>(dst + e);
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    constexpr int H = Simd<double>::W;
+    for (; e + W <= n; e += W) {
+      V low = first ? V{} : vload<V>(dst + e);
+      V high = first ? V{} : vload<V>(dst + e + H);
 #pragma GCC unroll 4
-    for (int j = 0; j < M; ++j) s += wv[j] * V(load_as(rows[j] + e));
-    vstore(dst + e, s);
+      for (int j = 0; j < M; ++j) {
+        V a, b;
+        load_as_doubles(rows[j] + e, a, b);
+        low += wv[j] * a;
+        high += wv[j] * b;
+      }
+      vstore(dst + e, low);
+      vstore(dst + e + H, high);
+    }
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) {
+      V s = first ? V{} : vload<V>(dst + e);
+#pragma GCC unroll 4
+      for (int j = 0; j < M; ++j) s += wv[j] * V(load_as(rows[j] + e));
+      vstore(dst + e, s);
+    }
   }
   for (; e < n; ++e) {
     S s = first ? S(0) : dst[e];
@@ -401,11 +425,44 @@ static inline void weighted_rows(S* dst, const In* const* rows, const S* w, int6
   }
 }
 
+// dst[0..n) = src[0..n) in the working precision S.
+template <typename In, typename S>
+static inline void widen_run(const In* src, S* dst, int64_t n) {
+  int64_t e = 0;
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    for (; e + W <= n; e += W) {
+      DoubleVec low, high;
+      load_as_doubles(src + e, low, high);
+      vstore(dst + e, low);
+      vstore(dst + e + Simd<double>::W, high);
+    }
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) vstore(dst + e, typename Simd<S>::V(load_as(src + e)));
+  }
+  for (; e < n; ++e) dst[e] = scalar_as<S>(src[e]);
+}
+
+// dst[0..n) = src[0..n) rounded to In.
+template <typename In, typename S>
+static inline void narrow_run(const S* src, In* dst, int64_t n) {
+  int64_t e = 0;
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    for (; e + W <= n; e += W)
+      store_from_doubles(dst + e, vload<DoubleVec>(src + e), vload<DoubleVec>(src + e + Simd<double>::W));
+    for (; e < n; ++e) dst[e] = narrow(float(src[e]), dst);
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) store_from(dst + e, vload<typename Simd<S>::V>(src + e));
+    for (; e < n; ++e) dst[e] = narrow(src[e], dst);
+  }
+}
+
 template <typename In, typename S>
 static void combine_range(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
                           int64_t end, bool accumulate) {
-  using V = typename Simd<S>::V;
-  constexpr int W = Simd<S>::W;
   const int64_t T = g.num_tasks;
   const int64_t K = g.num_tensors;
   const int64_t* off = g.offsets;
@@ -423,12 +480,8 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
       dst = static_cast<S*>(out[k]) + local;
     } else {
       dst = acc.data;
-      if (accumulate) {  // out's values join the sum in the working precision
-        const In* o = static_cast<const In*>(out[k]) + local;
-        int64_t e = 0;
-        for (; e + W <= n; e += W) vstore(dst + e, V(load_as(o + e)));
-        for (; e < n; ++e) dst[e] = scalar_as<S>(o[e]);
-      }
+      // out's values join the sum in the working precision.
+      if (accumulate) widen_run<In, S>(static_cast<const In*>(out[k]) + local, dst, n);
     }
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       const In* rows[4];
@@ -450,27 +503,27 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
           break;
       }
     }
-    if constexpr (!std::is_same_v<In, S>) {
-      In* o = static_cast<In*>(out[k]) + local;
-      int64_t e = 0;
-      for (; e + W <= n; e += W) store_from(o + e, vload<V>(dst + e));
-      for (; e < n; ++e) o[e] = narrow(dst[e], o);
-    }
+    if constexpr (!std::is_same_v<In, S>) narrow_run<In, S>(dst, static_cast<In*>(out[k]) + local, n);
     pos += n;
   }
 }
 
 static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin, int64_t end,
                     bool accumulate) {
+  bool wide = false;
+  for (int64_t t = 0; t < g.num_tasks; ++t) wide |= needs_wide_combine(weights[t]);
   switch (g.dtype) {
     case DType::Float32:
-      return combine_range<float, float>(g, weights, out, begin, end, accumulate);
+      return wide ? combine_range<float, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<float, float>(g, weights, out, begin, end, accumulate);
     case DType::Float64:
       return combine_range<double, double>(g, weights, out, begin, end, accumulate);
     case DType::Float16:
-      return combine_range<Half16, float>(g, weights, out, begin, end, accumulate);
+      return wide ? combine_range<Half16, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<Half16, float>(g, weights, out, begin, end, accumulate);
     case DType::BFloat16:
-      return combine_range<BFloat16, float>(g, weights, out, begin, end, accumulate);
+      return wide ? combine_range<BFloat16, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<BFloat16, float>(g, weights, out, begin, end, accumulate);
   }
 }
 

@@ -197,7 +197,10 @@ def combine(
         grads: task-major list of ``num_tasks * K`` tensors, as for :func:`gram`.
         num_tasks: T, the number of tasks.
         weights: T weights (a 1-D floating tensor on the gradients' device, or a sequence of
-            floats). Accumulation is in fp32 (fp64 for fp64 gradients).
+            floats). Accumulation is in fp32 (fp64 for fp64 gradients, and for any gradients
+            when some nonzero weight lies outside [2^-60, 2^60], e.g. PCGrad's weights on
+            badly scaled tasks: then the result is exact to the output's precision whenever the
+            update and each product fit).
         out: K tensors to write into (``out[k]`` with the shape, dtype and device of tensor k
             of a task). They may be non-contiguous or alias one of the inputs (e.g. task 0's
             gradients). Allocated when omitted. On an error nothing is written.
