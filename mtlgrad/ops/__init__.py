@@ -42,7 +42,8 @@ class NonFiniteGradientError(ValueError):
         tensor_indices: for each of them, the index (within that task's list) of the first
             tensor holding a NaN or Inf.
         names: the matching parameter names when they were given, else ``None``.
-        task_names: the names of the offending tasks when the tasks were named, else ``None``.
+        task_names: the names of the offending tasks (matching ``tasks``) when the tasks were
+            named, else ``None``.
     """
 
     def __init__(
@@ -89,11 +90,16 @@ class GramOverflowError(ValueError):
             f"task {task}" if task_names is None else f"task '{task_names[i]}'"
             for i, task in enumerate(tasks)
         ]
+        which = (
+            f"the gradient of {labels[0]} has a norm"
+            if len(labels) == 1
+            else f"the gradients of {', '.join(labels)} have norms"
+        )
         super().__init__(
             "the Gram matrix of the task gradients overflowed float64 although every gradient "
-            f"is finite: the gradient of {', '.join(labels)} has a norm above ~1e154, whose "
-            "square exceeds float64's range. Scale that task's loss down (divide it by a "
-            "constant) so that its gradient norm stays well below 1e154."
+            f"is finite: {which} above ~1e154, whose square exceeds float64's range. Scale the "
+            "loss of such a task down (divide it by a constant) so that its gradient norm "
+            "stays well below 1e154."
         )
 
 
