@@ -11,8 +11,11 @@ TORCH_LIBRARY(mtlgrad, m) {
   // Returns the float64 T x T matrix of pairwise dot products, and for each task the index (within
   // its list) of the first tensor holding a NaN or Inf, or -1.
   m.def("gram(Tensor[] grads, int num_tasks) -> (Tensor gram, Tensor nonfinite)");
-  // out[k] = sum_t weights[t] * grads[t * K + k], written in place.
-  m.def("combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out) -> ()");
+  // out[k] = sum_t weights[t] * grads[t * K + k], written in place; with accumulate,
+  // out[k] += sum_t weights[t] * grads[t * K + k] in the same pass (one read and one write of out).
+  m.def(
+      "combine(Tensor[] grads, int num_tasks, Tensor weights, Tensor(a!)[] out, bool accumulate=False) -> "
+      "()");
   // GradDrop (csrc/cpu/graddrop_cpu.cpp): out[k] = the sign-dropped sum of grads[t * K + k] over t,
   // with per-task leak values and the uniforms drawn from Philox keyed by (seed, element index).
   // Returns, per task, the index of the first tensor holding a NaN or Inf, or -1 (all -1 without

@@ -4,6 +4,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 namespace mtlgrad {
 namespace {
 
@@ -13,7 +15,7 @@ bool supported_dtype(at::ScalarType t) {
 
 }  // namespace
 
-TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t num_tasks) {
+TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t num_tasks, DTypes dtypes) {
   TORCH_CHECK_VALUE(num_tasks >= 1, op, ": num_tasks must be at least 1, got ", num_tasks);
   const int64_t n = static_cast<int64_t>(grads.size());
   TORCH_CHECK_VALUE(n % num_tasks == 0, op, ": got ", n, " tensors for num_tasks=", num_tasks,
@@ -37,9 +39,15 @@ TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t nu
                         g.layout(), "; only dense (strided) tensors are supported");
       TORCH_CHECK_TYPE(supported_dtype(g.scalar_type()), op, ": tensor ", k, " of task ", t, " has dtype ",
                        g.scalar_type(), "; expected float32, float64, float16 or bfloat16");
-      TORCH_CHECK_TYPE(g.scalar_type() == layout.dtype, op, ": mixed dtypes: tensor ", k, " of task ", t,
-                       " is ", g.scalar_type(), " but tensor 0 of task 0 is ", layout.dtype,
-                       "; cast the gradients to one dtype");
+      if (dtypes == DTypes::One) {
+        TORCH_CHECK_TYPE(g.scalar_type() == layout.dtype, op, ": mixed dtypes: tensor ", k, " of task ", t,
+                         " is ", g.scalar_type(), " but tensor 0 of task 0 is ", layout.dtype,
+                         "; cast the gradients to one dtype");
+      } else {
+        TORCH_CHECK_TYPE(g.scalar_type() == grads[k].scalar_type(), op, ": mixed dtypes: tensor ", k,
+                         " of task ", t, " is ", g.scalar_type(), " but tensor ", k, " of task 0 is ",
+                         grads[k].scalar_type(), "; every task's tensor k must have the dtype of task 0's");
+      }
       TORCH_CHECK_VALUE(g.device() == layout.device, op, ": mixed devices: tensor ", k, " of task ", t,
                         " is on ", g.device(), " but tensor 0 of task 0 is on ", layout.device);
       const at::Tensor& ref = grads[k];
@@ -48,8 +56,26 @@ TaskGradLayout check_task_grads(const char* op, at::TensorList grads, int64_t nu
                         "; every task must list the same shapes in the same order");
     }
   }
-  for (int64_t k = 0; k < K; ++k) layout.offsets[k + 1] = layout.offsets[k] + grads[k].numel();
+  layout.dtypes.resize(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    layout.offsets[k + 1] = layout.offsets[k] + grads[k].numel();
+    layout.dtypes[k] = grads[k].scalar_type();
+  }
   return layout;
+}
+
+std::vector<DTypeGroup> dtype_groups(const TaskGradLayout& layout) {
+  std::vector<DTypeGroup> groups;
+  for (int64_t k = 0; k < layout.num_tensors; ++k) {
+    const int64_t n = layout.offsets[k + 1] - layout.offsets[k];
+    if (n == 0) continue;
+    auto group = std::find_if(groups.begin(), groups.end(),
+                              [&](const DTypeGroup& g) { return g.dtype == layout.dtypes[k]; });
+    if (group == groups.end()) group = groups.insert(groups.end(), DTypeGroup{layout.dtypes[k], {}, {0}});
+    group->tensors.push_back(k);
+    group->offsets.push_back(group->offsets.back() + n);
+  }
+  return groups;
 }
 
 void check_outputs(const char* op, const TaskGradLayout& layout, at::TensorList grads, at::TensorList out) {
@@ -63,8 +89,8 @@ void check_outputs(const char* op, const TaskGradLayout& layout, at::TensorList 
                       "; only dense (strided) tensors are supported");
     TORCH_CHECK_VALUE(o.sizes() == grads[k].sizes(), op, ": output ", k, " has shape ", o.sizes(),
                       " but tensor ", k, " of each task has shape ", grads[k].sizes());
-    TORCH_CHECK_TYPE(o.scalar_type() == layout.dtype, op, ": output ", k, " has dtype ", o.scalar_type(),
-                     " but the gradients are ", layout.dtype);
+    TORCH_CHECK_TYPE(o.scalar_type() == layout.dtypes[k], op, ": output ", k, " has dtype ", o.scalar_type(),
+                     " but tensor ", k, " of each task is ", layout.dtypes[k]);
     TORCH_CHECK_VALUE(o.device() == layout.device, op, ": output ", k, " is on ", o.device(),
                       " but the gradients are on ", layout.device);
   }
@@ -97,7 +123,7 @@ std::vector<const void*> contiguous_pointers(at::TensorList tensors, std::vector
 }
 
 std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList grads, at::TensorList out,
-                                   std::vector<at::Tensor>& staged) {
+                                   std::vector<at::Tensor>& staged, bool accumulate) {
   const int64_t K = layout.num_tensors;
   staged.assign(static_cast<size_t>(K), at::Tensor());
   std::vector<void*> ptrs(static_cast<size_t>(K));
@@ -105,7 +131,10 @@ std::vector<void*> output_pointers(const TaskGradLayout& layout, at::TensorList 
     bool direct = out[k].is_contiguous();
     for (int64_t t = 0; direct && t < layout.num_tasks; ++t)
       direct = at::get_overlap_status(out[k], grads[t * K + k]) == at::MemOverlapStatus::No;
-    if (!direct) staged[k] = at::empty(out[k].sizes(), out[k].options());
+    if (!direct) {
+      staged[k] = accumulate ? out[k].clone(at::MemoryFormat::Contiguous)
+                             : at::empty(out[k].sizes(), out[k].options());
+    }
     ptrs[k] = direct ? out[k].data_ptr() : staged[k].data_ptr();
   }
   return ptrs;

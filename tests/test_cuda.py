@@ -96,6 +96,75 @@ def test_gram_fp32_overflow_is_recomputed(num_tasks: int) -> None:
     torch.testing.assert_close(G[0, 0].item(), 1e43, rtol=1e-5, atol=0)
 
 
+MIXED_DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float64]
+MIXED_SHAPES = [(33, 31), (7,), (16385,), (0,), (2049,)]
+
+
+def mixed_task_grads(num_tasks: int, seed: int) -> list[torch.Tensor]:
+    grads = random_task_grads(MIXED_SHAPES, num_tasks, seed=seed)
+    return [g.to(MIXED_DTYPES[i % len(MIXED_SHAPES)]) for i, g in enumerate(grads)]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 8, 9, 40])
+def test_gram_mixed_dtypes_match_reference_and_cpu(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=11)
+    on_gpu = ops.gram(cuda(grads), num_tasks)
+    J = task_matrix(grads, num_tasks)
+    expected = J @ J.T
+    bound = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for dtype in set(MIXED_DTYPES):
+        part = [g for i, g in enumerate(grads) if MIXED_DTYPES[i % len(MIXED_SHAPES)] == dtype]
+        norms = task_matrix(part, num_tasks).norm(dim=1)
+        bound += TOLERANCE[dtype] * torch.outer(norms, norms)
+    assert ((on_gpu.cpu() - expected).abs() <= bound).all()
+    assert ((on_gpu.cpu() - ops.gram(grads, num_tasks)).abs() <= 2 * bound).all()
+    assert torch.equal(ops.gram(cuda(grads), num_tasks), on_gpu)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 12])
+def test_gram_mixed_dtypes_nonfinite_names_the_tensor_in_the_whole_list(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=12)
+    k = len(MIXED_SHAPES)
+    grads[1 * k + 4][100] = float("inf")  # task 1, tensor 4 (fp64)
+    grads[1 * k + 2][7] = float("nan")  # task 1, tensor 2 (fp16)
+    grads[2 * k + 1][1] = float("nan")  # task 2, tensor 1 (fp32)
+    _, nonfinite = torch.ops.mtlgrad.gram(cuda(grads), num_tasks)
+    expected = [-1] * num_tasks
+    expected[1], expected[2] = 2, 1
+    assert nonfinite.tolist() == expected
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_combine_mixed_dtypes_match_cpu(num_tasks: int) -> None:
+    grads = mixed_task_grads(num_tasks, seed=13)
+    weights = torch.randn(num_tasks, dtype=torch.float64)
+    on_cpu = ops.combine(grads, num_tasks, weights)
+    on_gpu = ops.combine(cuda(grads), num_tasks, weights.cuda())
+    for a, b, dtype in zip(on_cpu, on_gpu, MIXED_DTYPES):
+        assert b.dtype == dtype
+        tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-20, 1e-25, 1e-30, 1e-35])
+@pytest.mark.parametrize("num_tasks", [1, 4, 8, 9, 40])
+def test_gram_fp32_underflow_is_recomputed(
+    dtype: torch.dtype, scale: float, num_tasks: int
+) -> None:
+    scales = [scale] * num_tasks
+    scales[num_tasks // 2] = 1.0  # an ordinary task next to the tiny ones
+    grads = random_task_grads([(40000,), (7,)], num_tasks, dtype, seed=15, scales=scales)
+    grads[0] = torch.zeros_like(grads[0])  # task 0 does not reach tensor 0
+    G = ops.gram(cuda(grads), num_tasks)
+    assert_gram_close(G, grads, num_tasks)
+    J = task_matrix(grads, num_tasks)
+    torch.testing.assert_close(G.diagonal().cpu(), (J * J).sum(dim=1), rtol=1e-6, atol=0)
+    norms = J.norm(dim=1)
+    bound = 2 * TOLERANCE[dtype] * torch.outer(norms, norms)
+    assert ((G.cpu() - ops.gram(grads, num_tasks)).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tasks", [1, 3, 8, 64])
 def test_combine_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:
@@ -125,6 +194,96 @@ def test_combine_unaligned_aliased_and_non_contiguous() -> None:
     inputs = [torch.randn(30, 20, device="cuda") for _ in range(3)]
     ops.combine(inputs, 3, weights, transposed_out)
     torch.testing.assert_close(transposed_out[0], inputs[0] - 2 * inputs[1] + 0.5 * inputs[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_combine_accumulate_matches_reference_and_cpu(dtype: torch.dtype, num_tasks: int) -> None:
+    grads = random_task_grads(ODD_SHAPES, num_tasks, dtype, seed=num_tasks)
+    out_old = random_task_grads(ODD_SHAPES, 1, dtype, seed=50 + num_tasks)
+    weights = torch.randn(num_tasks, dtype=torch.float64)
+    on_cpu = ops.combine(grads, num_tasks, weights, [o.clone() for o in out_old], accumulate=True)
+    on_gpu = cuda(out_old)
+    ops.combine(cuda(grads), num_tasks, weights.cuda(), on_gpu, accumulate=True)
+    J = task_matrix(grads, num_tasks)
+    old = torch.cat([o.reshape(-1).double() for o in out_old])
+    expected = old + weights @ J
+    scale = old.abs() + weights.abs() @ J.abs()
+    got = torch.cat([o.cpu().reshape(-1).double() for o in on_gpu])
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-14}.get(dtype, 1e-6)
+    finfo = torch.finfo(dtype)
+    assert ((got - expected).abs() <= rtol * num_tasks * scale + finfo.smallest_normal).all()
+    for a, b in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_accumulate_aliased_and_non_contiguous(dtype: torch.dtype) -> None:
+    grads = cuda(random_task_grads([(5000,), (40, 30)], 3, dtype, seed=14))
+    inputs = [g.clone() for g in grads]
+    weights = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64, device="cuda")
+    expected = ops.combine(inputs, 3, weights, [g.clone() for g in inputs[:2]], accumulate=True)
+    ops.combine(grads, 3, weights, out=grads[0:2], accumulate=True)  # out aliases task 0
+    for a, b in zip(grads[:2], expected):
+        torch.testing.assert_close(a, b)
+    out = [
+        torch.randn(5000, device="cuda").to(dtype),
+        torch.randn(30, 40, device="cuda").to(dtype).T,
+    ]
+    reference = [o.clone(memory_format=torch.contiguous_format) for o in out]
+    ops.combine(inputs, 3, weights, out, accumulate=True)
+    ops.combine(inputs, 3, weights, reference, accumulate=True)
+    for a, b in zip(out, reference):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_combine_weights_beyond_float32s_range(dtype: torch.dtype, accumulate: bool) -> None:
+    # Weights 1e60 and 1e-60 are summed in fp64; products with rows of 1e-30 and 1e30 fit.
+    gen = torch.Generator().manual_seed(16)
+    n = 20000
+    masks = torch.rand(3, n, generator=gen) < torch.tensor([[0.3], [0.5], [0.7]])
+    J = torch.randn(3, n, generator=gen, dtype=torch.float64) * masks
+    if dtype != torch.float16:
+        J[0] *= 1e-30
+        J[1] *= 1e30
+    weights = torch.tensor([1e60, -1e-60, 1.0], dtype=torch.float64)
+    grads = [J[t].to(dtype) for t in range(3)]
+    out = [torch.ones(n, dtype=dtype, device="cuda")]
+    ops.combine(cuda(grads), 3, weights.cuda(), out, accumulate=accumulate)
+    on_cpu = ops.combine(grads, 3, weights, [torch.ones(n, dtype=dtype)], accumulate=accumulate)
+    got = out[0].cpu().double()
+    exact = weights @ task_matrix(grads, 3) + float(accumulate)
+    expected = exact.to(dtype).double()
+    assert not got.isnan().any()
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    scale = (weights.abs() @ task_matrix(grads, 3).abs() + float(accumulate))[finite]
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+    finfo = torch.finfo(dtype)
+    assert ((got - exact)[finite].abs() <= rtol * scale + finfo.smallest_normal * finfo.eps).all()
+    assert torch.equal(got.isfinite(), on_cpu[0].double().isfinite())
+    torch.testing.assert_close(got[finite], on_cpu[0].double()[finite], rtol=rtol, atol=0)
+
+
+def test_pcgrad_on_badly_scaled_rows_on_cuda() -> None:
+    from mtlgrad.aggregators import PCGrad
+
+    gen = torch.Generator().manual_seed(17)
+    J = torch.randn(3, 2000, generator=gen, dtype=torch.float64)
+    J[1] = -J[0] + 0.3 * J[1]
+    J[2] = -0.5 * J[1] + J[2]
+    J = (
+        J
+        / J.norm(dim=1, keepdim=True)
+        * torch.tensor([[1e30], [1e-30], [1.0]], dtype=torch.float64)
+    )
+    J = J.float()
+    on_gpu = PCGrad(generator=torch.Generator().manual_seed(0))(J.cuda()).cpu().double()
+    reference = PCGrad(generator=torch.Generator().manual_seed(0))(J.double())
+    assert torch.isfinite(on_gpu).all()
+    assert (on_gpu - reference).norm() <= 1e-5 * reference.norm()
 
 
 def test_combine_deterministic() -> None:

@@ -45,13 +45,24 @@ def test_mismatched_shapes_name_task_and_tensor() -> None:
 
 
 def test_mixed_dtypes() -> None:
+    # Tensor k may have any dtype, but the same one in every task.
     grads = random_task_grads([(3,), (5,)], 2)
     grads[3] = grads[3].double()
+    expected = "mixed dtypes: tensor 1 of task 1 is Double but tensor 1 of task 0 is Float"
+    with pytest.raises(TypeError, match=expected):
+        ops.gram(grads, 2)
+    with pytest.raises(TypeError, match=expected):
+        ops.combine(grads, 2, [1.0, 1.0])
+    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake_mode, pytest.raises(TypeError, match=expected):
+        torch.ops.mtlgrad.gram([fake_mode.from_tensor(g) for g in grads], 2)
+    # GradDrop's kernel runs on one dtype.
+    grads[1] = grads[1].double()
     with pytest.raises(
         TypeError,
-        match="mixed dtypes: tensor 1 of task 1 is Double but tensor 0 of task 0 is Float",
+        match="mixed dtypes: tensor 1 of task 0 is Double but tensor 0 of task 0 is Float",
     ):
-        ops.gram(grads, 2)
+        ops.graddrop(grads, 2)
 
 
 def test_unsupported_dtype() -> None:
@@ -87,7 +98,9 @@ def test_combine_bad_outputs() -> None:
         match=re.escape("output 1 has shape [4] but tensor 1 of each task has shape [2, 2]"),
     ):
         ops.combine(grads, 2, weights, [torch.zeros(10), torch.zeros(4)])
-    with pytest.raises(TypeError, match="output 0 has dtype Double but the gradients are Float"):
+    with pytest.raises(
+        TypeError, match="output 0 has dtype Double but tensor 0 of each task is Float"
+    ):
         ops.combine(grads, 2, weights, [torch.zeros(10, dtype=torch.float64), torch.zeros(2, 2)])
 
 
@@ -105,3 +118,10 @@ def test_names_must_match_tensor_count() -> None:
 def test_unknown_cpu_kernel_set() -> None:
     with pytest.raises(ValueError, match="unknown CPU kernel set 'sse9'"):
         ops.set_cpu_kernels("sse9")
+
+
+def test_solver_says_the_gram_matrix_is_not_finite() -> None:
+    G = torch.eye(2, dtype=torch.float64)
+    G[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"the Gram matrix holds NaN or Inf at \(1, 1\)"):
+        torch.ops.mtlgrad.config_weights(G)

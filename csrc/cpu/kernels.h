@@ -55,10 +55,11 @@ struct Kernels {
   // lowers first_nonfinite[t] to the index of the first such tensor.
   void (*gram)(const TaskTensors& grads, int64_t chunk_begin, int64_t chunk_end, double* gram,
                int64_t* first_nonfinite);
-  // out[k][i] = sum_t weights[t] * grads[t][k][i] for flattened elements [begin, end); out holds
-  // num_tensors pointers of the grads' dtype.
+  // out[k][i] = sum_t weights[t] * grads[t][k][i] for flattened elements [begin, end), or
+  // out[k][i] += that sum with `accumulate` (rounded once); out holds num_tensors pointers of the
+  // grads' dtype.
   void (*combine)(const TaskTensors& grads, const double* weights, void* const* out, int64_t begin,
-                  int64_t end);
+                  int64_t end, bool accumulate);
 };
 
 const Kernels& generic_kernels();

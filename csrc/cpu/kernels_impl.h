@@ -5,15 +5,18 @@
 // pairs), and rectangular tiles of kRectRows x kGroup tasks between groups. Every tile keeps its
 // accumulators in registers for the whole chunk, so exactly the T(T+1)/2 unique pairs are
 // computed, the chunk stays in L1/L2 while the tiles re-read it, and each chunk's fp32 (fp64
-// for fp64 input) sums are added to the fp64 result in chunk order.
+// for fp64 input) sums are added to the fp64 result in chunk order. A chunk whose fp32 sums
+// overflow (finite input) or may have underflowed (precision.h) is summed again in fp64.
 //
-// combine: out = sum_t w_t g_t over pieces of at most kCombineBlock elements of one tensor,
-// four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input).
+// combine: out = sum_t w_t g_t (or out += ...) over pieces of at most kCombineBlock elements of one
+// tensor, four tasks per pass over the piece, accumulated in fp32 (fp64 for fp64 input, and for
+// any input when a weight lies outside fp32's safe band, see precision.h).
 #pragma once
 
 #include <cstdlib>
 #include <type_traits>
 
+#include "../precision.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -252,6 +255,31 @@ static inline void convert_run(const In* src, S* dst, int64_t n, int64_t prefetc
 
 // ---- gram -----------------------------------------------------------------------------------
 
+// Whether any of x[0..n) (n a multiple of the vector width) is nonzero (-0 counts as zero).
+static inline bool any_nonzero(const float* x, int64_t n) {
+  typedef uint32_t Bits __attribute__((vector_size(kVectorBytes)));
+  constexpr int W = Simd<float>::W;
+  Bits any{};
+  for (int64_t e = 0; e < n; e += W) any |= vload<Bits>(x + e);
+  any &= broadcast<Bits>(uint32_t(0x7fffffffu));
+  for (int i = 0; i < W; ++i)
+    if (any[i] != 0) return true;
+  return false;
+}
+
+// Whether some task's fp32 products over a chunk may have underflowed (see precision.h): its sum
+// of squares is below the bound while one of its elements is nonzero.
+template <typename S>
+static bool chunk_underflowed(const S* const* rows, int64_t T, int64_t padded, const S* sums) {
+  if constexpr (std::is_same_v<S, double>) {
+    return false;
+  } else {
+    for (int64_t t = 0; t < T; ++t)
+      if (sums[pair_index(t, t, T)] < kTinyChunkSumOfSquares && any_nonzero(rows[t], padded)) return true;
+    return false;
+  }
+}
+
 template <typename In, typename S>
 static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk_end, double* gram,
                         int64_t* first_nonfinite) {
@@ -264,6 +292,12 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
   Buffer<S> scratch(T * L);
   Buffer<S> sums(pairs);
   Buffer<const S*> rows(T);
+  // fp64 copies of a chunk whose fp32 sums over- or underflowed (allocated, never touched, for
+  // the chunks that do not).
+  constexpr bool narrow = !std::is_same_v<S, double>;
+  Buffer<double> wide(narrow ? T * L : 0);
+  Buffer<double> wide_sums(narrow ? pairs : 0);
+  Buffer<const double*> wide_rows(narrow ? T : 0);
 
   int64_t k = 0;  // the tensor holding the chunk's first element
   for (int64_t c = chunk_begin; c < chunk_end; ++c) {
@@ -297,29 +331,31 @@ static void gram_chunks(const TaskTensors& g, int64_t chunk_begin, int64_t chunk
 
     bool finite = true;
     for (int64_t p = 0; p < pairs; ++p) finite &= bool(std::isfinite(sums.data[p]));
+    // Either some task has NaN/Inf here (report it, keep the non-finite sums), or the fp32 sums
+    // overflowed or underflowed: then redo this chunk in fp64.
+    bool redo = finite ? chunk_underflowed<S>(rows.data, T, padded, sums.data) : narrow;
     if (!finite) {
-      // Either some task has NaN/Inf here (report it, keep the non-finite sums), or the sums
-      // overflowed the working precision: redo this chunk in fp64.
-      bool has_nonfinite_input = false;
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t e = 0; e < n; ++e) {
           if (!std::isfinite(rows.data[t][e])) {
             int64_t kk = k;
             while (off[kk + 1] <= e0 + e) ++kk;
             if (kk < first_nonfinite[t]) first_nonfinite[t] = kk;
-            has_nonfinite_input = true;
+            redo = false;
             break;
           }
         }
       }
-      if (!has_nonfinite_input) {
-        for (int64_t i = 0; i < T; ++i) {
-          for (int64_t j = i; j < T; ++j) {
-            double s = 0;
-            for (int64_t e = 0; e < n; ++e) s += double(rows.data[i][e]) * double(rows.data[j][e]);
-            gram[pair_index(i, j, T)] += s;
-          }
+    }
+    if constexpr (narrow) {
+      if (redo) {
+        for (int64_t t = 0; t < T; ++t) {
+          double* dst = wide.data + t * L;
+          for (int64_t e = 0; e < padded; ++e) dst[e] = double(rows.data[t][e]);
+          wide_rows.data[t] = dst;
         }
+        chunk_products<double>(wide_rows.data, T, padded, wide_sums.data);
+        for (int64_t p = 0; p < pairs; ++p) gram[p] += wide_sums.data[p];
         continue;
       }
     }
@@ -343,20 +379,43 @@ static void gram(const TaskTensors& g, int64_t chunk_begin, int64_t chunk_end, d
 
 // ---- combine --------------------------------------------------------------------------------
 
+// Whether 16- or 32-bit input In is summed in fp64 (weights outside the fp32-safe band, see
+// precision.h): its vectors are then converted a FloatVec at a time, into two DoubleVecs.
+template <typename In, typename S>
+constexpr bool kWidened = std::is_same_v<S, double> && !std::is_same_v<In, double>;
+
 // dst[0..n) (+)= sum_j w[j] * rows[j][0..n) for M rows; `first` overwrites instead of adding.
 template <typename In, typename S, int M>
 static inline void weighted_rows(S* dst, const In* const* rows, const S* w, int64_t n, bool first) {
   using V = typename Simd<S>::V;
-  constexpr int W = Simd<S>::W;
+  int64_t e = 0;
   V wv[M];
 #pragma GCC unroll 4
   for (int j = 0; j < M; ++j) wv[j] = broadcast<V>(w[j]);
-  int64_t e = 0;
-  for (; e + W <= n; e += W) {
-    V s = first ? V{} : vload<V>(dst + e);
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    constexpr int H = Simd<double>::W;
+    for (; e + W <= n; e += W) {
+      V low = first ? V{} : vload<V>(dst + e);
+      V high = first ? V{} : vload<V>(dst + e + H);
 #pragma GCC unroll 4
-    for (int j = 0; j < M; ++j) s += wv[j] * V(load_as(rows[j] + e));
-    vstore(dst + e, s);
+      for (int j = 0; j < M; ++j) {
+        V a, b;
+        load_as_doubles(rows[j] + e, a, b);
+        low += wv[j] * a;
+        high += wv[j] * b;
+      }
+      vstore(dst + e, low);
+      vstore(dst + e + H, high);
+    }
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) {
+      V s = first ? V{} : vload<V>(dst + e);
+#pragma GCC unroll 4
+      for (int j = 0; j < M; ++j) s += wv[j] * V(load_as(rows[j] + e));
+      vstore(dst + e, s);
+    }
   }
   for (; e < n; ++e) {
     S s = first ? S(0) : dst[e];
@@ -366,11 +425,44 @@ static inline void weighted_rows(S* dst, const In* const* rows, const S* w, int6
   }
 }
 
+// dst[0..n) = src[0..n) in the working precision S.
+template <typename In, typename S>
+static inline void widen_run(const In* src, S* dst, int64_t n) {
+  int64_t e = 0;
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    for (; e + W <= n; e += W) {
+      DoubleVec low, high;
+      load_as_doubles(src + e, low, high);
+      vstore(dst + e, low);
+      vstore(dst + e + Simd<double>::W, high);
+    }
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) vstore(dst + e, typename Simd<S>::V(load_as(src + e)));
+  }
+  for (; e < n; ++e) dst[e] = scalar_as<S>(src[e]);
+}
+
+// dst[0..n) = src[0..n) rounded to In.
+template <typename In, typename S>
+static inline void narrow_run(const S* src, In* dst, int64_t n) {
+  int64_t e = 0;
+  if constexpr (kWidened<In, S>) {
+    constexpr int W = Simd<float>::W;
+    for (; e + W <= n; e += W)
+      store_from_doubles(dst + e, vload<DoubleVec>(src + e), vload<DoubleVec>(src + e + Simd<double>::W));
+    for (; e < n; ++e) dst[e] = narrow(float(src[e]), dst);
+  } else {
+    constexpr int W = Simd<S>::W;
+    for (; e + W <= n; e += W) store_from(dst + e, vload<typename Simd<S>::V>(src + e));
+    for (; e < n; ++e) dst[e] = narrow(src[e], dst);
+  }
+}
+
 template <typename In, typename S>
 static void combine_range(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
-                          int64_t end) {
-  using V = typename Simd<S>::V;
-  constexpr int W = Simd<S>::W;
+                          int64_t end, bool accumulate) {
   const int64_t T = g.num_tasks;
   const int64_t K = g.num_tensors;
   const int64_t* off = g.offsets;
@@ -388,12 +480,14 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
       dst = static_cast<S*>(out[k]) + local;
     } else {
       dst = acc.data;
+      // out's values join the sum in the working precision.
+      if (accumulate) widen_run<In, S>(static_cast<const In*>(out[k]) + local, dst, n);
     }
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       const In* rows[4];
       const int m = int(min64(4, T - t0));
       for (int j = 0; j < m; ++j) rows[j] = static_cast<const In*>(g.data[(t0 + j) * K + k]) + local;
-      const bool first = t0 == 0;
+      const bool first = t0 == 0 && !accumulate;
       switch (m) {
         case 1:
           weighted_rows<In, S, 1>(dst, rows, w.data + t0, n, first);
@@ -409,27 +503,27 @@ static void combine_range(const TaskTensors& g, const double* weights, void* con
           break;
       }
     }
-    if constexpr (!std::is_same_v<In, S>) {
-      In* o = static_cast<In*>(out[k]) + local;
-      int64_t e = 0;
-      for (; e + W <= n; e += W) store_from(o + e, vload<V>(dst + e));
-      for (; e < n; ++e) o[e] = narrow(dst[e], o);
-    }
+    if constexpr (!std::is_same_v<In, S>) narrow_run<In, S>(dst, static_cast<In*>(out[k]) + local, n);
     pos += n;
   }
 }
 
-static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin,
-                    int64_t end) {
+static void combine(const TaskTensors& g, const double* weights, void* const* out, int64_t begin, int64_t end,
+                    bool accumulate) {
+  bool wide = false;
+  for (int64_t t = 0; t < g.num_tasks; ++t) wide |= needs_wide_combine(weights[t]);
   switch (g.dtype) {
     case DType::Float32:
-      return combine_range<float, float>(g, weights, out, begin, end);
+      return wide ? combine_range<float, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<float, float>(g, weights, out, begin, end, accumulate);
     case DType::Float64:
-      return combine_range<double, double>(g, weights, out, begin, end);
+      return combine_range<double, double>(g, weights, out, begin, end, accumulate);
     case DType::Float16:
-      return combine_range<Half16, float>(g, weights, out, begin, end);
+      return wide ? combine_range<Half16, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<Half16, float>(g, weights, out, begin, end, accumulate);
     case DType::BFloat16:
-      return combine_range<BFloat16, float>(g, weights, out, begin, end);
+      return wide ? combine_range<BFloat16, double>(g, weights, out, begin, end, accumulate)
+                  : combine_range<BFloat16, float>(g, weights, out, begin, end, accumulate);
   }
 }
 

@@ -38,6 +38,7 @@ constexpr int kVectorBytes = 16;
 
 typedef float FloatVec __attribute__((vector_size(kVectorBytes)));
 typedef double DoubleVec __attribute__((vector_size(kVectorBytes)));
+typedef float HalfFloatVec __attribute__((vector_size(kVectorBytes / 2)));  // one DoubleVec's floats
 
 template <typename S>
 struct Simd;
@@ -230,5 +231,30 @@ static inline FloatVec load_as(const BFloat16* p) { return load_converted(p); }
 static inline void store_from(Half16* p, FloatVec v) { store_converted(p, v); }
 static inline void store_from(BFloat16* p, FloatVec v) { store_converted(p, v); }
 #endif
+
+// ---- fp64 from and to any input type, a FloatVec's worth of elements at a time ---------------
+
+// The Simd<float>::W elements at p, converted exactly, as two vectors of doubles.
+template <typename In>
+static inline void load_as_doubles(const In* p, DoubleVec& low, DoubleVec& high) {
+  const FloatVec x = load_as(p);
+  HalfFloatVec a, b;
+  std::memcpy(&a, &x, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+  low = __builtin_convertvector(a, DoubleVec);
+  high = __builtin_convertvector(b, DoubleVec);
+}
+
+// Stores two vectors of doubles as Simd<float>::W elements of type Out (through fp32 for the 16-bit
+// types: rounded twice, which can differ from one rounding in the last bit of a tie).
+template <typename Out>
+static inline void store_from_doubles(Out* p, DoubleVec low, DoubleVec high) {
+  const HalfFloatVec a = __builtin_convertvector(low, HalfFloatVec);
+  const HalfFloatVec b = __builtin_convertvector(high, HalfFloatVec);
+  FloatVec x;
+  std::memcpy(&x, &a, sizeof(a));
+  std::memcpy(reinterpret_cast<char*>(&x) + sizeof(a), &b, sizeof(b));
+  store_from(p, x);
+}
 
 }  // namespace mtlgrad::cpu::MTLGRAD_ISA

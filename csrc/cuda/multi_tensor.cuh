@@ -27,6 +27,8 @@ struct TaskTable {
   const ChunkInfo* chunks;
   const int32_t* aligned;  // per tensor: 1 when every task's pointer (and the output's) is 16-byte aligned
   const int64_t* starts;   // per tensor: index of its first element in a task's flattened gradient
+  const int32_t* ids;      // per tensor: its index in the whole list when the table holds a part of it
+                           // (one dtype group), else nullptr (the table's index is that index)
   int64_t num_chunks;
   int32_t num_tasks;
   int32_t num_tensors;
@@ -34,10 +36,11 @@ struct TaskTable {
 
 // Device copy of the table for `ptrs` (T * K task-major data pointers, tensor sizes in `numels`,
 // extra pointers `also_aligned` that must share the 16-byte alignment of tensor k, e.g. the
-// outputs). `storage` keeps the device memory alive for the caller's launches.
+// outputs; `ids`: each tensor's index in the whole list, when the table covers a part of it).
+// `storage` keeps the device memory alive for the caller's launches.
 TaskTable upload_table(const std::vector<const void*>& ptrs, const std::vector<int64_t>& numels,
                        int64_t num_tasks, const std::vector<const void*>& also_aligned,
-                       const c10::Device& device, at::Tensor& storage);
+                       const c10::Device& device, at::Tensor& storage, const std::vector<int32_t>& ids = {});
 
 // Number of multiprocessors of the current device (cached).
 int multiprocessor_count();

@@ -32,21 +32,51 @@ std::vector<int64_t> tensor_sizes(const TaskGradLayout& layout) {
   return sizes;
 }
 
+std::vector<int64_t> tensor_sizes(const DTypeGroup& group) {
+  std::vector<int64_t> sizes(group.tensors.size());
+  for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = group.offsets[i + 1] - group.offsets[i];
+  return sizes;
+}
+
 // The table of an op that writes one output per tensor: the output pointers travel after the
 // gradients' (as a (T+1)-th task, so they share the alignment flags); `out` gets their device copy.
-TaskTable table_with_outputs(const TaskGradLayout& layout, const std::vector<const void*>& ptrs,
-                             const std::vector<void*>& out_ptrs, at::Tensor& storage, void* const*& out) {
+TaskTable table_with_outputs(const std::vector<const void*>& ptrs, const std::vector<void*>& out_ptrs,
+                             const std::vector<int64_t>& sizes, int64_t num_tasks, const c10::Device& device,
+                             at::Tensor& storage, void* const*& out) {
   std::vector<const void*> table_ptrs = ptrs;
   table_ptrs.insert(table_ptrs.end(), out_ptrs.begin(), out_ptrs.end());
-  TaskTable tab =
-      upload_table(table_ptrs, tensor_sizes(layout), layout.num_tasks + 1, {}, layout.device, storage);
-  tab.num_tasks = static_cast<int32_t>(layout.num_tasks);
-  out = const_cast<void* const*>(tab.ptrs + layout.num_tasks * layout.num_tensors);
+  TaskTable tab = upload_table(table_ptrs, sizes, num_tasks + 1, {}, device, storage);
+  tab.num_tasks = static_cast<int32_t>(num_tasks);
+  out = const_cast<void* const*>(tab.ptrs + num_tasks * static_cast<int64_t>(sizes.size()));
   return tab;
 }
 
+std::vector<int32_t> tensor_ids(const DTypeGroup& group) {
+  return std::vector<int32_t>(group.tensors.begin(), group.tensors.end());
+}
+
+// Runs f.template operator()<scalar_t, acc_t>() for a gradient dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f.template operator()<float, float>();
+    case at::kDouble:
+      return f.template operator()<double, double>();
+    case at::kHalf:
+      return f.template operator()<c10::Half, float>();
+    case at::kBFloat16:
+      return f.template operator()<c10::BFloat16, float>();
+    default:
+      TORCH_CHECK(false, "unreachable: unsupported dtype ", dtype);
+  }
+}
+
+// Adds the Gram matrix of the table's tensors to `gram` (`accumulate`), or writes it; `finalize`
+// on the last group of the list.
 template <typename scalar_t, typename acc_t>
-void launch_gram(const TaskTable& tab, int64_t T, at::Tensor& gram, at::Tensor& nonfinite) {
+void launch_gram(const TaskTable& tab, int64_t T, bool accumulate, bool finalize, at::Tensor& gram,
+                 at::Tensor& nonfinite) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto options = gram.options();
   const int sms = multiprocessor_count();
@@ -73,8 +103,8 @@ void launch_gram(const TaskTable& tab, int64_t T, at::Tensor& gram, at::Tensor& 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int reduce_blocks = static_cast<int>((T * T + kThreads - 1) / kThreads);
-    gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(out, blocks, static_cast<int>(T), false, 0,
-                                                               gram.data_ptr<double>(), bad);
+    gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(
+        out, blocks, static_cast<int>(T), false, 0, accumulate, finalize, gram.data_ptr<double>(), bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -96,13 +126,13 @@ void launch_gram(const TaskTable& tab, int64_t T, at::Tensor& gram, at::Tensor& 
       tab, reinterpret_cast<const int2*>(tiles_device.data_ptr<int32_t>()), out, bad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int reduce_blocks = static_cast<int>((T * T + kThreads - 1) / kThreads);
-  gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(out, blocks, static_cast<int>(T), true,
-                                                             num_tiles, gram.data_ptr<double>(), bad);
+  gram_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(
+      out, blocks, static_cast<int>(T), true, num_tiles, accumulate, finalize, gram.data_ptr<double>(), bad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList grads, int64_t num_tasks) {
-  const TaskGradLayout layout = check_task_grads("mtlgrad.gram", grads, num_tasks);
+  const TaskGradLayout layout = check_task_grads("mtlgrad.gram", grads, num_tasks, DTypes::PerTensor);
   const int64_t T = num_tasks;
   const c10::Device device = layout.num_tensors > 0 ? layout.device : c10::Device(c10::kCUDA);
   const c10::cuda::CUDAGuard guard(device);
@@ -115,39 +145,34 @@ std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList grads, int64_t num_t
   at::Tensor nonfinite = at::full({T}, LLONG_MAX, at::TensorOptions().dtype(at::kLong).device(device));
   std::vector<at::Tensor> keep;
   const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
-  at::Tensor storage;
-  const TaskTable tab = upload_table(ptrs, tensor_sizes(layout), T, {}, device, storage);
-  switch (layout.dtype) {
-    case at::kFloat:
-      launch_gram<float, float>(tab, T, gram, nonfinite);
-      break;
-    case at::kDouble:
-      launch_gram<double, double>(tab, T, gram, nonfinite);
-      break;
-    case at::kHalf:
-      launch_gram<c10::Half, float>(tab, T, gram, nonfinite);
-      break;
-    case at::kBFloat16:
-      launch_gram<c10::BFloat16, float>(tab, T, gram, nonfinite);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable");
+  // One pass per dtype group, each added to G in group order by its reduction (deterministic);
+  // a list of one dtype is one group.
+  const std::vector<DTypeGroup> groups = dtype_groups(layout);
+  std::vector<at::Tensor> storage(groups.size());
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const DTypeGroup& group = groups[i];
+    const TaskTable tab = upload_table(group.task_major(ptrs, T, layout.num_tensors), tensor_sizes(group), T,
+                                       {}, device, storage[i], tensor_ids(group));
+    dispatch_dtype(group.dtype, [&]<typename scalar_t, typename acc_t>() {
+      launch_gram<scalar_t, acc_t>(tab, T, i > 0, i + 1 == groups.size(), gram, nonfinite);
+    });
   }
   return {gram, nonfinite};
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_combine(const TaskTable& tab, void* const* out_ptrs, const double* weights) {
+void launch_combine(const TaskTable& tab, void* const* out_ptrs, const double* weights, bool accumulate) {
   const int blocks =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tab.num_chunks, 8 * multiprocessor_count())));
   const size_t shared = sizeof(acc_t) * static_cast<size_t>(tab.num_tasks);
   combine_kernel<scalar_t, acc_t>
-      <<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(tab, out_ptrs, weights);
+      <<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(tab, out_ptrs, weights, accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out) {
-  const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks);
+void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& weights, at::TensorList out,
+                  bool accumulate) {
+  const TaskGradLayout layout = check_task_grads("mtlgrad.combine", grads, num_tasks, DTypes::PerTensor);
   check_combine_args(layout, grads, weights, out, layout.num_tensors > 0 ? layout.device : weights.device());
   const int64_t K = layout.num_tensors;
   if (K == 0 || layout.numel_per_task() == 0) return;
@@ -156,27 +181,22 @@ void combine_cuda(at::TensorList grads, int64_t num_tasks, const at::Tensor& wei
   const std::vector<const void*> ptrs = contiguous_pointers(grads, keep);
   const at::Tensor w = weights.to(at::kDouble).contiguous();
 
-  // Outputs that are not contiguous or overlap an input are computed apart and copied at the end.
+  // Outputs that are not contiguous or overlap an input are computed apart (in a copy of out with
+  // accumulate) and copied at the end.
   std::vector<at::Tensor> staged;
-  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
-  at::Tensor storage;
-  void* const* device_out = nullptr;
-  const TaskTable tab = table_with_outputs(layout, ptrs, out_ptrs, storage, device_out);
-  switch (layout.dtype) {
-    case at::kFloat:
-      launch_combine<float, float>(tab, device_out, w.data_ptr<double>());
-      break;
-    case at::kDouble:
-      launch_combine<double, double>(tab, device_out, w.data_ptr<double>());
-      break;
-    case at::kHalf:
-      launch_combine<c10::Half, float>(tab, device_out, w.data_ptr<double>());
-      break;
-    case at::kBFloat16:
-      launch_combine<c10::BFloat16, float>(tab, device_out, w.data_ptr<double>());
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable");
+  const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged, accumulate);
+  // One launch per dtype group (one for a list of one dtype).
+  const std::vector<DTypeGroup> groups = dtype_groups(layout);
+  std::vector<at::Tensor> storage(groups.size());
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const DTypeGroup& group = groups[i];
+    void* const* device_out = nullptr;
+    const TaskTable tab =
+        table_with_outputs(group.task_major(ptrs, num_tasks, K), group.per_tensor(out_ptrs),
+                           tensor_sizes(group), num_tasks, layout.device, storage[i], device_out);
+    dispatch_dtype(group.dtype, [&]<typename scalar_t, typename acc_t>() {
+      launch_combine<scalar_t, acc_t>(tab, device_out, w.data_ptr<double>(), accumulate);
+    });
   }
   copy_staged(out, staged);
 }
@@ -223,7 +243,8 @@ at::Tensor graddrop_cuda(at::TensorList grads, int64_t num_tasks, const at::Tens
   const std::vector<void*> out_ptrs = output_pointers(layout, grads, out, staged);
   at::Tensor storage;
   void* const* device_out = nullptr;
-  const TaskTable tab = table_with_outputs(layout, ptrs, out_ptrs, storage, device_out);
+  const TaskTable tab =
+      table_with_outputs(ptrs, out_ptrs, tensor_sizes(layout), num_tasks, layout.device, storage, device_out);
   long long* bad = check_finite ? reinterpret_cast<long long*>(nonfinite.data_ptr<int64_t>()) : nullptr;
   const double* lp = l.data_ptr<double>();
   const uint64_t s = static_cast<uint64_t>(seed);

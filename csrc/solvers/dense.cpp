@@ -31,8 +31,8 @@ Matrix gram_matrix(const at::Tensor& gram, const char* op) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const double v = 0.5 * (p[i * n + j] + p[j * n + i]);
-      TORCH_CHECK_VALUE(std::isfinite(v), op, ": the Gram matrix has a non-finite entry at (", i, ", ", j,
-                        "); some task gradient holds NaN or Inf");
+      TORCH_CHECK_VALUE(std::isfinite(v), op, ": the Gram matrix holds NaN or Inf at (", i, ", ", j,
+                        "): the task gradients or their products are not finite");
       m(i, j) = v;
     }
   }

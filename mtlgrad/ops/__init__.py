@@ -22,7 +22,9 @@ from mtlgrad.ops._extension import load as _load_extension
 _load_extension()  # registers torch.ops.mtlgrad.*
 
 __all__ = [
+    "GramOverflowError",
     "NonFiniteGradientError",
+    "check_gram",
     "combine",
     "cpu_kernels",
     "graddrop",
@@ -36,28 +38,110 @@ class NonFiniteGradientError(ValueError):
     """A task's gradient holds NaN or Inf.
 
     Attributes:
-        tasks: the offending tasks, ascending.
+        tasks: the offending tasks (indices), ascending.
         tensor_indices: for each of them, the index (within that task's list) of the first
             tensor holding a NaN or Inf.
         names: the matching parameter names when they were given, else ``None``.
+        task_names: the names of the offending tasks (matching ``tasks``) when the tasks were
+            named, else ``None``.
     """
 
     def __init__(
-        self, tasks: list[int], tensor_indices: list[int], names: list[str] | None
+        self,
+        tasks: list[int],
+        tensor_indices: list[int],
+        names: list[str] | None,
+        task_names: list[str] | None = None,
     ) -> None:
         self.tasks = tasks
         self.tensor_indices = tensor_indices
         self.names = names
+        self.task_names = task_names
         parts = []
         for i, (task, index) in enumerate(zip(tasks, tensor_indices)):
             where = (
                 f"tensor {index}" if names is None else f"parameter '{names[i]}' (tensor {index})"
             )
-            parts.append(f"task {task}: {where}")
+            label = f"task {task}" if task_names is None else f"task '{task_names[i]}'"
+            parts.append(f"{label}: {where}")
         super().__init__(
             "non-finite gradient (NaN or Inf) in " + "; ".join(parts) + ". The loss of that task "
             "diverged or overflowed; with mixed precision, use a GradScaler."
         )
+
+
+class GramOverflowError(ValueError):
+    """Every task gradient is finite, but the Gram matrix overflowed float64.
+
+    A gradient whose norm is above about 1e154 has a squared norm beyond float64's range
+    (about 1.8e308), so no Gram-based method can weigh it. Not a
+    :class:`NonFiniteGradientError`: the gradients themselves are fine, their scale is not.
+
+    Attributes:
+        tasks: the tasks (indices), ascending, whose squared norm overflowed (or, when every
+            squared norm fits, the tasks of the overflowing products).
+        task_names: their names when the tasks were named, else ``None``.
+    """
+
+    def __init__(self, tasks: list[int], task_names: list[str] | None = None) -> None:
+        self.tasks = tasks
+        self.task_names = task_names
+        labels = [
+            f"task {task}" if task_names is None else f"task '{task_names[i]}'"
+            for i, task in enumerate(tasks)
+        ]
+        which = (
+            f"the gradient of {labels[0]} has a norm"
+            if len(labels) == 1
+            else f"the gradients of {', '.join(labels)} have norms"
+        )
+        super().__init__(
+            "the Gram matrix of the task gradients overflowed float64 although every gradient "
+            f"is finite: {which} above ~1e154, whose square exceeds float64's range. Scale the "
+            "loss of such a task down (divide it by a constant) so that its gradient norm "
+            "stays well below 1e154."
+        )
+
+
+def check_gram(
+    gram: Tensor,
+    nonfinite: Tensor,
+    names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
+) -> None:
+    """Raises when the outputs of ``torch.ops.mtlgrad.gram`` show a problem; they are on the host.
+
+    Args:
+        gram: the T x T float64 Gram matrix.
+        nonfinite: per task, the index of its first tensor holding a NaN or Inf, or -1.
+        names: optional names of the K tensors of a task (e.g. parameter names).
+        task_names: optional names of the T tasks (e.g. the keys of a dict of losses), used in
+            the errors instead of the task indices.
+
+    Raises:
+        NonFiniteGradientError: some task's gradient holds NaN or Inf.
+        GramOverflowError: every gradient is finite but ``gram`` is not (a squared norm or a
+            product overflowed float64).
+    """
+    _check_task_names("mtlgrad.check_gram", task_names, gram.shape[0])
+    first = nonfinite.tolist()
+    tasks = [t for t, index in enumerate(first) if index >= 0]
+    if tasks:
+        indices = [first[t] for t in tasks]
+        raise NonFiniteGradientError(
+            tasks,
+            indices,
+            None if names is None else [names[i] for i in indices],
+            None if task_names is None else [task_names[t] for t in tasks],
+        )
+    finite = torch.isfinite(gram)
+    if bool(finite.all()):
+        return
+    tasks = [t for t, ok in enumerate(finite.diagonal().tolist()) if not ok]
+    if not tasks:  # every squared norm fits, some product of two of them does not
+        bad = (~finite).nonzero().flatten().tolist()
+        tasks = sorted(set(bad))
+    raise GramOverflowError(tasks, None if task_names is None else [task_names[t] for t in tasks])
 
 
 def gram(
@@ -66,17 +150,23 @@ def gram(
     *,
     check_finite: bool = True,
     names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
 ) -> Tensor:
     """Gram matrix of the task gradients: ``G[i, j] = <g_i, g_j>`` over all their tensors.
 
     Args:
         grads: task-major list of ``num_tasks * K`` tensors (float32, float64, float16 or
-            bfloat16, all one dtype and device; contiguous or not).
+            bfloat16, on one device; contiguous or not). Tensor k may have any of these dtypes
+            (e.g. a bf16 trunk with fp32 norm layers), the same in every task; each dtype is
+            summed in its own precision, in one pass over its tensors.
         num_tasks: T, the number of tasks.
         check_finite: raise :class:`NonFiniteGradientError` when a task's gradient holds NaN or
-            Inf (the check is fused into the kernel; reading its result syncs with the device).
-            With ``False`` the non-finite values propagate into ``G``.
+            Inf (the check is fused into the kernel), and :class:`GramOverflowError` when every
+            gradient is finite but ``G`` is not (see :func:`check_gram`; reading the result
+            syncs with the device). With ``False`` the non-finite values propagate into ``G``.
         names: optional names of the K tensors of a task (e.g. parameter names), used in errors.
+        task_names: optional names of the T tasks (e.g. the keys of a dict of losses), used in
+            errors instead of the task indices.
 
     Returns:
         float64 tensor of shape ``(T, T)`` on the gradients' device. Products are accumulated in
@@ -87,17 +177,12 @@ def gram(
     k = num_tensors(grads, num_tasks, "mtlgrad.gram")
     if names is not None and len(names) != k:
         raise ValueError(f"mtlgrad.gram: got {len(names)} names for {k} tensors per task")
+    _check_task_names("mtlgrad.gram", task_names, num_tasks)
     if not grads:
         return torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
     result, nonfinite = torch.ops.mtlgrad.gram(grads, num_tasks)
     if check_finite:
-        first = nonfinite.tolist()
-        tasks = [t for t, index in enumerate(first) if index >= 0]
-        if tasks:
-            indices = [first[t] for t in tasks]
-            raise NonFiniteGradientError(
-                tasks, indices, None if names is None else [names[i] for i in indices]
-            )
+        check_gram(result.cpu(), nonfinite.cpu(), names, task_names)
     return result
 
 
@@ -111,20 +196,30 @@ def combine(
 ) -> list[Tensor]:
     """Weighted sum of the task gradients: ``out[k] = sum_t weights[t] * grads[t * K + k]``.
 
+    With ``accumulate=True`` the sum is added to ``out`` instead, in the same pass (``out`` is
+    read once and written once, e.g. gradient accumulation into an existing ``.grad``).
+
     Args:
         grads: task-major list of ``num_tasks * K`` tensors, as for :func:`gram`.
         num_tasks: T, the number of tasks.
         weights: T weights (a 1-D floating tensor on the gradients' device, or a sequence of
-            floats). Accumulation is in fp32 (fp64 for fp64 gradients).
-        out: K tensors to write into (same shapes, dtype and device as a task's gradients). They
-            may be non-contiguous or alias one of the inputs (e.g. task 0's gradients). Allocated
-            when omitted. On an error nothing is written.
+            floats). Accumulation is in fp32 (fp64 for fp64 gradients, and for any gradients
+            when some nonzero weight lies outside [2^-60, 2^60], e.g. PCGrad's weights on
+            badly scaled tasks: then the result is exact to the output's precision whenever the
+            update and each product fit).
+        out: K tensors to write into (``out[k]`` with the shape, dtype and device of tensor k
+            of a task). They may be non-contiguous or alias one of the inputs (e.g. task 0's
+            gradients). Allocated when omitted. On an error nothing is written.
+        accumulate: add to ``out`` (which must then be given): ``out[k] + sum_t w_t g_t``,
+            rounded once to ``out[k]``'s dtype.
 
     Returns:
         The K output tensors.
     """
     grads = list(grads)
     k = num_tensors(grads, num_tasks, "mtlgrad.combine")
+    if accumulate and out is None:
+        raise ValueError("mtlgrad.combine: accumulate=True adds to out, so out must be given")
     if not isinstance(weights, Tensor):
         device = grads[0].device if grads else None
         weights = torch.tensor(list(weights), dtype=torch.float64, device=device)
@@ -143,12 +238,7 @@ def combine(
                 f"mtlgrad.combine: got {len(out)} output tensors for 0 tensors per task"
             )
         return out
-    if accumulate:
-        fresh = combine(grads, num_tasks, weights)
-        for o, f in zip(out, fresh):
-            o.add_(f)
-        return out
-    torch.ops.mtlgrad.combine(grads, num_tasks, weights, out)
+    torch.ops.mtlgrad.combine(grads, num_tasks, weights, out, accumulate)
     return out
 
 
@@ -161,6 +251,7 @@ def graddrop(
     *,
     check_finite: bool = True,
     names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
 ) -> list[Tensor]:
     """GradDrop's sign-dropped sum of the task gradients (Chen et al. 2020, Algorithm 1), fused.
 
@@ -183,6 +274,7 @@ def graddrop(
             nothing is written); costs one more read of the gradients. With ``False`` NaN and Inf
             propagate into ``out``.
         names: optional names of the K tensors of a task, used in errors.
+        task_names: optional names of the T tasks, used in errors instead of the task indices.
 
     Returns:
         The K output tensors. Sums are accumulated in fp32 (fp64 for fp64 gradients).
@@ -191,6 +283,7 @@ def graddrop(
     k = num_tensors(grads, num_tasks, "mtlgrad.graddrop")
     if names is not None and len(names) != k:
         raise ValueError(f"mtlgrad.graddrop: got {len(names)} names for {k} tensors per task")
+    _check_task_names("mtlgrad.graddrop", task_names, num_tasks)
     device = grads[0].device if grads else None
     if leak is None:
         leak = torch.zeros(num_tasks, dtype=torch.float64, device=device)
@@ -215,25 +308,17 @@ def graddrop(
         if tasks:
             indices = [first[t] for t in tasks]
             raise NonFiniteGradientError(
-                tasks, indices, None if names is None else [names[i] for i in indices]
+                tasks,
+                indices,
+                None if names is None else [names[i] for i in indices],
+                None if task_names is None else [task_names[t] for t in tasks],
             )
     return out
 
 
-def check_gram(
-    gram: Tensor,
-    nonfinite: Tensor,
-    names: Sequence[str] | None = None,
-    task_names: Sequence[str] | None = None,
-) -> None:
-    """Raises :class:`NonFiniteGradientError` for the tasks ``nonfinite`` flags."""
-    first = nonfinite.tolist()
-    tasks = [t for t, index in enumerate(first) if index >= 0]
-    if tasks:
-        indices = [first[t] for t in tasks]
-        raise NonFiniteGradientError(
-            tasks, indices, None if names is None else [names[i] for i in indices]
-        )
+def _check_task_names(op: str, task_names: Sequence[str] | None, num_tasks: int) -> None:
+    if task_names is not None and len(task_names) != num_tasks:
+        raise ValueError(f"{op}: got {len(task_names)} task names for {num_tasks} tasks")
 
 
 def cpu_kernels() -> str:

@@ -22,8 +22,14 @@ def num_tensors(grads: Sequence[Tensor], num_tasks: int, op: str) -> int:
     return len(grads) // num_tasks
 
 
-def check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
-    """The same checks as the native ops (csrc/task_grads.cpp), for fake and meta tensors."""
+def check_task_grads(
+    op: str, grads: Sequence[Tensor], num_tasks: int, *, per_tensor_dtypes: bool = False
+) -> int:
+    """The same checks as the native ops (csrc/task_grads.cpp), for fake and meta tensors.
+
+    With ``per_tensor_dtypes`` (gram, combine) tensor k may have any supported dtype, the same for
+    every task; otherwise (graddrop) every tensor must have the dtype of task 0's tensor 0.
+    """
     k = num_tensors(grads, num_tasks, op)
     if not grads:
         return k
@@ -34,13 +40,19 @@ def check_task_grads(op: str, grads: Sequence[Tensor], num_tasks: int) -> int:
             where = f"tensor {i} of task {t}"
             if g.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
-                    f"{op}: {where} has dtype {g.dtype}; expected float32, float64, float16 or "
-                    "bfloat16"
+                    f"{op}: {where} has dtype {_name(g.dtype)}; expected float32, float64, float16 "
+                    "or bfloat16"
                 )
-            if g.dtype != first.dtype:
+            if per_tensor_dtypes and g.dtype != grads[i].dtype:
                 raise TypeError(
-                    f"{op}: mixed dtypes: {where} is {g.dtype} but tensor 0 of task 0 is "
-                    f"{first.dtype}; cast the gradients to one dtype"
+                    f"{op}: mixed dtypes: {where} is {_name(g.dtype)} but tensor {i} of task 0 is "
+                    f"{_name(grads[i].dtype)}; every task's tensor k must have the dtype of task "
+                    "0's"
+                )
+            if not per_tensor_dtypes and g.dtype != first.dtype:
+                raise TypeError(
+                    f"{op}: mixed dtypes: {where} is {_name(g.dtype)} but tensor 0 of task 0 is "
+                    f"{_name(first.dtype)}; cast the gradients to one dtype"
                 )
             if g.device != first.device:
                 raise ValueError(
@@ -66,3 +78,22 @@ def check_outputs(op: str, grads: Sequence[Tensor], k: int, out: Sequence[Tensor
                 f"{op}: output {i} is {o.dtype} {list(o.shape)} on {o.device}, but tensor {i} of "
                 f"each task is {grads[i].dtype} {list(grads[i].shape)} on {grads[i].device}"
             )
+
+
+def _name(dtype: torch.dtype) -> str:
+    """The dtype as the native checks name it (c10's ScalarType names: Float, BFloat16, ...)."""
+    return _NATIVE_NAMES.get(dtype, str(dtype))
+
+
+_NATIVE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}

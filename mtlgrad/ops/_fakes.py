@@ -13,7 +13,7 @@ from mtlgrad.ops._checks import check_outputs, check_task_grads
 
 @torch.library.register_fake("mtlgrad::gram")
 def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
-    check_task_grads("mtlgrad.gram", grads, num_tasks)
+    check_task_grads("mtlgrad.gram", grads, num_tasks, per_tensor_dtypes=True)
     like = grads[0]
     return (
         like.new_empty((num_tasks, num_tasks), dtype=torch.float64),
@@ -22,9 +22,15 @@ def _gram_fake(grads: list[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.register_fake("mtlgrad::combine")
-def _combine_fake(grads: list[Tensor], num_tasks: int, weights: Tensor, out: list[Tensor]) -> None:
+def _combine_fake(
+    grads: list[Tensor],
+    num_tasks: int,
+    weights: Tensor,
+    out: list[Tensor],
+    accumulate: bool = False,
+) -> None:
     op = "mtlgrad.combine"
-    k = check_task_grads(op, grads, num_tasks)
+    k = check_task_grads(op, grads, num_tasks, per_tensor_dtypes=True)
     if weights.dim() != 1 or weights.numel() != num_tasks:
         raise ValueError(
             f"{op}: weights must have shape [{num_tasks}] (one per task), got {list(weights.shape)}"
