@@ -119,7 +119,9 @@ def test_dict_losses_name_the_tasks_in_errors_and_grad_is_untouched() -> None:
     before = [torch.full_like(p, 0.25) for p in model.parameters()]
     for p, b in zip(model.parameters(), before):
         p.grad = b.clone()
-    with pytest.raises(mtlgrad.NonFiniteGradientError, match="task 1: parameter 'shared_params"):
+    with pytest.raises(
+        mtlgrad.NonFiniteGradientError, match="task 'segmentation': parameter 'shared_params"
+    ):
         mtlgrad.backward(losses, shared_params=model.trunk.parameters(), aggregator=Sum())
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.grad, b)

@@ -283,3 +283,28 @@ def test_record_statistics_are_computed_once_on_the_host() -> None:
     torch.testing.assert_close(record.cosines, expected)
     pairs = [(0, 1), (0, 2), (1, 2)]
     assert record.conflicts == sum(float(G[i, j] < 0) for i, j in pairs) / 3
+
+
+def test_a_bf16_trunk_with_fp32_norm_layers() -> None:
+    # The usual mixed-precision model: gradients of different dtypes in one step.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 16).to(torch.bfloat16)
+    norm = torch.nn.LayerNorm(16)
+    heads = [torch.nn.Linear(16, 1) for _ in range(3)]
+    x, y = batch(9)
+
+    def losses():
+        z = norm(linear(x.to(torch.bfloat16)).float())
+        return [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() * (t + 1) for t, h in enumerate(heads)]
+
+    shared = list(linear.parameters()) + list(norm.parameters())
+    rows = []
+    for loss in losses():
+        grads = torch.autograd.grad(loss, shared, retain_graph=True)
+        rows.append(torch.cat([g.double().reshape(-1) for g in grads]))
+    J = torch.stack(rows)
+    expected = UPGrad()(J)
+    mtlgrad.backward(losses(), shared_params=shared, aggregator=UPGrad())
+    assert linear.weight.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    got = torch.cat([p.grad.double().reshape(-1) for p in shared])
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))

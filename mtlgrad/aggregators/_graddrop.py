@@ -86,7 +86,13 @@ class GradDrop(Aggregator):
         direct = out is not None and not accumulate and all(o is not None for o in out)
         try:
             combined = ops.graddrop(
-                grads, num_tasks, leak, seed, out if direct else None, names=names
+                grads,
+                num_tasks,
+                leak,
+                seed,
+                out if direct else None,
+                names=names,
+                task_names=task_names,
             )
         except ops.NonFiniteGradientError:
             if scale is None:

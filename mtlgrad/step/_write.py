@@ -95,7 +95,7 @@ def _blame(
     if not tasks:
         return error
     names = None if error.names is None else _names_of(error, indices)
-    return NonFiniteGradientError(tasks, indices, names)
+    return NonFiniteGradientError(tasks, indices, names, [grads.names[t] for t in tasks])
 
 
 def _names_of(error: NonFiniteGradientError, indices: list[int]) -> list[str] | None:
