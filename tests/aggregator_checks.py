@@ -61,6 +61,41 @@ def matrix_ids(tasks: tuple[int, ...] = (1, 2, 3, 8)) -> list[str]:
     return [f"T{T}-{name}" for T in tasks for name in matrix_families(T)]
 
 
+def spread_norm_matrices(count: int, decades: float = 8.0, seed: int = 10_000) -> list[Tensor]:
+    """``count`` small float64 matrices (T = 3-5 tasks in P = 2-4 dimensions, so that the
+    gradients interact) whose row norms spread log-uniformly over ``decades`` orders of magnitude:
+    a gradient 1e-8 of the largest must be resolved like any other."""
+    out = []
+    for k in range(count):
+        g = _gen(seed + k)
+        T = int(torch.randint(3, 6, (1,), generator=g))
+        P = int(torch.randint(2, 5, (1,), generator=g))
+        J = torch.randn(T, P, generator=g, dtype=torch.float64)
+        exponents = decades * torch.rand(T, 1, generator=g, dtype=torch.float64) - decades / 2
+        out.append(J / J.norm(dim=1, keepdim=True) * 10**exponents)
+    return out
+
+
+def least_squares(A: Tensor, b: Tensor) -> Tensor:
+    """argmin_x ||A x − b||, with the columns of A scaled to unit norm first, so that columns of
+    very different norms are resolved alike (float64, QR-based)."""
+    norms = A.norm(dim=0).clamp_min(torch.finfo(A.dtype).tiny)
+    return torch.linalg.lstsq(A / norms, b.unsqueeze(1)).solution.squeeze(1) / norms
+
+
+def assert_update_close(d: Tensor, expected: Tensor, w: Tensor, J: Tensor, rtol: float = 1e-6):
+    """|d − expected| <= rtol |expected| + the rounding floor of the two computations: 1e-11
+    Σ_t |w_t| |g_t| for d = Σ_t w_t g_t (the terms can cancel, e.g. to an exact answer of 0) and
+    1e-13 max_t |g_t| for a float64 reference built from the rows themselves."""
+    norms = J.norm(dim=1)
+    floor = 1e-11 * float((w.abs() * norms).sum()) + 1e-13 * float(norms.max())
+    error = float((d - expected).norm())
+    assert error <= rtol * float(expected.norm()) + floor, (
+        f"|d - expected| = {error:.3g}, |expected| = {float(expected.norm()):.3g}, row norms "
+        f"{norms.tolist()}, weights {w.tolist()}"
+    )
+
+
 def scale_of(J: Tensor) -> float:
     return float(J.norm(dim=1).max()) or 1.0
 
