@@ -1,22 +1,17 @@
 // MGDA (Sener & Koltun, 2018, "Multi-Task Learning as Multi-Objective Optimization"): the
 // minimum-norm point of the convex hull of the (optionally normalised) task gradients,
-// min_{w in simplex} wᵀ G w (the paper's Eq. 3 / Algorithm 2 problem), solved exactly.
-//
-// Least-distance programming (Lawson & Hanson, 1974, ch. 23): the min-norm point of the hull of
-// the columns of A = Jᵀ comes from the NNLS problem min_{y >= 0} ||Jᵀ y||² + (1ᵀ y - 1)², whose
-// Gram form is the non-negative QP with Q = G + 1 1ᵀ and c = -1. Its KKT conditions are those of
-// the simplex problem for w = y / 1ᵀy, and 1ᵀy = 1 / (1 + |Jᵀw|²) > 0 always, also when the
-// min-norm point is 0 (where the plain reduction min_{y >= 0} ½ yᵀ G y - 1ᵀ y is unbounded).
+// min_{w in simplex} wᵀ G w (the paper's Eq. 3 / Algorithm 2 problem), solved exactly by
+// least-distance programming (min_norm_weights in nonneg_qp.h).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "dense.h"
 #include "nonneg_qp.h"
@@ -77,29 +72,7 @@ at::Tensor mgda_weights(const at::Tensor& gram, c10::string_view normalization_v
       for (int64_t j = 0; j < T; ++j)
         G(i, j) *= largest > 0 ? (scale[size_t(i)] / largest) * (scale[size_t(j)] / largest) : 0.0;
   }
-  // The min-norm weights are scale-invariant, but the unit of G matters here: least-distance
-  // programming weighs |Jᵀy|² against (1ᵀy − 1)², and the answer |Jᵀw| is at most the smallest
-  // gradient's norm. In units of the mean squared norm, a gradient 1e-8 of the largest has its
-  // products with the others 1e-16 below the 1 1ᵀ term, under the QP's dual tests: it (and the
-  // min-norm point it makes) would be missed. In units of the smallest non-zero squared norm the
-  // answer is resolved whatever the spread (floored at 1e-200 of the largest: Ĝ stays finite).
-  double smallest = std::numeric_limits<double>::infinity(), largest = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (G(t, t) > 0) smallest = std::min(smallest, G(t, t));
-    largest = std::max(largest, G(t, t));
-  }
-  if (largest > 0 && std::isfinite(largest)) {
-    const double unit = std::max(smallest, 1e-200 * largest);
-    for (double& v : G.data) v /= unit;
-  }
-  for (double& v : G.data) v += 1.0;  // Q = Ĝ + 1 1ᵀ
-  NonnegQP qp(G);
-  Vector y = qp.solve(Vector(size_t(T), -1.0));
-  double total = 0;
-  for (double v : y) total += v;
-  // total = 1 / (1 + |min-norm point|²) in that unit, at least 1 / 2: never zero.
-  for (double& v : y) v /= total;
-  return to_tensor(y);
+  return to_tensor(min_norm_weights(std::move(G)));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace mtlgrad::solvers {
 namespace {
@@ -290,6 +291,33 @@ const Vector& NonnegQP::solve(const Vector& unscaled_c) {
                     " iterations without meeting its tolerance (T = ", n_, ")");
   for (int64_t i = 0; i < n_; ++i) result_[size_t(i)] = scale_[size_t(i)] * x_[size_t(i)];
   return result_;
+}
+
+Vector min_norm_weights(Matrix G) {
+  const int64_t T = G.n;
+  // The weights are scale-invariant, but the unit of G matters here: least-distance programming
+  // weighs |Jᵀy|² against (1ᵀy − 1)², and the answer |Jᵀw| is at most the smallest gradient's
+  // norm. In units of the mean squared norm, a gradient 1e-8 of the largest has its products with
+  // the others 1e-16 below the 1 1ᵀ term, under the QP's dual tests: it (and the min-norm point it
+  // makes) would be missed. In units of the smallest non-zero squared norm the answer is resolved
+  // whatever the spread (floored at 1e-200 of the largest: G stays finite).
+  double smallest = std::numeric_limits<double>::infinity(), largest = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (G(t, t) > 0) smallest = std::min(smallest, G(t, t));
+    largest = std::max(largest, G(t, t));
+  }
+  if (largest > 0 && std::isfinite(largest)) {
+    const double unit = std::max(smallest, 1e-200 * largest);
+    for (double& v : G.data) v /= unit;
+  }
+  for (double& v : G.data) v += 1.0;  // Q = G + 1 1ᵀ
+  NonnegQP qp(G);
+  Vector y = qp.solve(Vector(size_t(T), -1.0));
+  double total = 0;
+  for (double v : y) total += v;
+  // total = 1 / (1 + |min-norm point|²) in that unit, at least 1 / 2: never zero.
+  for (double& v : y) v /= total;
+  return y;
 }
 
 void add_trace_relative_ridge(Matrix& G, double reg_eps) {

@@ -82,4 +82,13 @@ class NonnegQP {
 // (normalise_trace), so that is T * reg_eps on its diagonal.
 void add_trace_relative_ridge(Matrix& G, double reg_eps);
 
+// The weights w (w >= 0, Σ w = 1) of the minimum-norm point of the convex hull of the gradients
+// whose Gram matrix is G, min_{w in simplex} wᵀ G w, solved exactly by least-distance programming
+// (Lawson & Hanson, 1974, ch. 23): the NNLS problem min_{y >= 0} ||Jᵀ y||² + (1ᵀ y − 1)², whose
+// Gram form is the non-negative QP with Q = G + 1 1ᵀ and c = −1. Its KKT conditions are those of
+// the simplex problem for w = y / 1ᵀy, and 1ᵀy = 1 / (1 + |Jᵀw|²) > 0 always, also when the
+// min-norm point is 0 (where the plain reduction min_{y >= 0} ½ yᵀ G y − 1ᵀ y is unbounded).
+// G is taken by value: it is rescaled and shifted in place.
+Vector min_norm_weights(Matrix G);
+
 }  // namespace mtlgrad::solvers
