@@ -268,6 +268,31 @@ def test_repr_and_errors() -> None:
         weighting([losses[0], losses[1], zero])
 
 
+def test_later_loss_not_positive_raises_and_changes_nothing() -> None:
+    # L(t) / L(0) <= 0 makes the task's rate NaN (or 0), and its weight silently stops learning.
+    model, x, ys = small_problem()
+    weighting = GradNorm(3, model.last_shared).double()
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        weighting(model.losses(x, ys)).backward()
+        optimizer.step()  # the weights no longer sum to T: renormalising would change them
+    weights, initial = weighting.task_weights.detach().clone(), weighting.initial_losses.clone()
+    grad = weighting.task_weights.grad.clone()
+    losses = model.losses(x, ys)
+    negative = losses[1] - losses[1].detach() - 0.5  # value -0.5, gradient that of losses[1]
+    named = {"seg": losses[0], "depth": negative, "normals": losses[2]}
+    with pytest.raises(
+        ValueError, match=r"the loss of 'depth' must be positive and finite .*, got -0.5"
+    ):
+        weighting(named)
+    with pytest.raises(ValueError, match=r"the loss of 'task 2' must be positive .*, got 0.0"):
+        weighting([losses[0], losses[1], 0 * losses[2]])
+    assert torch.equal(weighting.task_weights.detach(), weights)
+    assert torch.equal(weighting.initial_losses, initial)
+    assert torch.equal(weighting.task_weights.grad, grad)
+
+
 def test_non_finite_gradient_names_the_task_and_parameter() -> None:
     model, x, ys = small_problem()
     weighting = GradNorm(3, model.last_shared).double()
