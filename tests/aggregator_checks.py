@@ -13,6 +13,7 @@ Each method's test file states which properties it claims, e.g.::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -148,6 +149,29 @@ def assert_weights_match(
     w = agg.weights(G)
     expected = reference(G)
     torch.testing.assert_close(w, expected, rtol=rtol, atol=rtol * float(expected.abs().max() or 1))
+
+
+def assert_owns_its_generator(make: Callable[[], Aggregator], J: Tensor, steps: int = 3) -> None:
+    """A randomised method built without a generator draws from one of its own: seeded once from
+    torch's global RNG (``torch.manual_seed`` reproduces a run), not moved by other draws from
+    it, not shared with another instance, and restored by ``load_state_dict`` into a fresh
+    instance (also built without one), which then repeats the run bit for bit."""
+    torch.manual_seed(0)
+    original = make()
+    first = [original(J) for _ in range(steps)]
+    torch.manual_seed(0)
+    again = make()
+    for expected in first:
+        torch.randn(3)  # other draws from the global RNG between the calls
+        assert torch.equal(again(J), expected), "torch.manual_seed does not reproduce the run"
+    state = copy.deepcopy(original.state_dict())
+    expected = [original(J) for _ in range(steps)]
+    resumed = make()  # seeded from wherever the global RNG is now
+    resumed.load_state_dict(state)
+    for e in expected:
+        assert torch.equal(resumed(J), e), "the resumed run differs"
+    a, b = make(), make()
+    assert not torch.equal(a(J), b(J)), "two instances draw the same numbers"
 
 
 def assert_matrix_call_is_gram_then_combine(make: Callable[[], GramAggregator], J: Tensor) -> None:

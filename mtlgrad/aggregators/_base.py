@@ -72,8 +72,9 @@ class Aggregator(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state: its running quantities (none for stateless methods) and, for
-        randomised methods with a ``generator``, that generator's state, so a resumed run draws
-        the same numbers. Subclasses with state of their own extend this dict."""
+        randomised methods, the state of their ``generator`` (one of their own unless one was
+        passed), so a resumed run draws the same numbers. Subclasses with state of their own
+        extend this dict."""
         generator = getattr(self, "generator", None)
         return {} if generator is None else {"generator": generator.get_state()}
 
@@ -197,6 +198,16 @@ def check_generator(generator: torch.Generator | None) -> torch.Generator | None
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
     return generator
+
+
+def own_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The generator of a randomised method: ``generator`` when given (checked), else a CPU
+    generator of the method's own, seeded once from torch's global RNG. So ``torch.manual_seed``
+    still reproduces a run, the method's draws neither move nor depend on the global stream (or
+    another instance's), and its state, saved by ``state_dict``, resumes a run bit-identically."""
+    if generator is not None:
+        return check_generator(generator)
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
