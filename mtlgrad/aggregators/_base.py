@@ -40,6 +40,9 @@ class Aggregator(ABC):
     ``agg(J)`` takes a T x P matrix (any float dtype, any device) and returns the P-vector update;
     :meth:`aggregate` does the same on task-major lists of tensors (a model's per-parameter
     gradients), without concatenating them.
+
+    Neither is differentiable: inputs that require grad are detached, and the update has no
+    ``grad_fn`` (an aggregator writes ``.grad``; it is not a layer to backpropagate through).
     """
 
     def __call__(self, J: Tensor) -> Tensor:
@@ -119,7 +122,8 @@ class GramAggregator(Aggregator):
 
         ``G`` may live on any device; the solver runs on the CPU in float64 (for a CUDA ``G`` this
         is one copy of T x T numbers) and the weights come back on ``G``'s device. ``losses``
-        (T task losses) reach only the methods that use them.
+        (T task losses) reach only the methods that use them. ``G`` (and ``losses``) are
+        detached: the weights are not differentiable with respect to them.
         """
         if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1]:
             raise ValueError(
