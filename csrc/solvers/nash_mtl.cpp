@@ -21,8 +21,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "dense.h"
@@ -233,7 +233,8 @@ Vector ccp_step(const Matrix& G, const Vector& at, const Vector& star) {
 // Returns (alpha, weights). `start` (None, or T values) is the previous call's α in the gradients'
 // scale: the iterations start there (the official code's warm start). optim_niter == 0 reuses
 // `start` as α. weights = α, scaled down so that ||Jᵀ w|| <= max_norm when max_norm > 0.
-std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, const std::optional<at::Tensor>& start_or_none,
+std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram,
+                                                    const std::optional<at::Tensor>& start_or_none,
                                                     int64_t optim_niter, double max_norm) {
   const char* op = "mtlgrad.nash_mtl_weights";
   const Matrix original = gram_matrix(gram, op);
@@ -323,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram, cons
 TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
   // (alpha, weights); `start` is the previous alpha (or None), optim_niter = 0 reuses it.
   m.def(
-      "nash_mtl_weights(Tensor gram, Tensor? start, int optim_niter, float max_norm) -> (Tensor alpha, Tensor "
-      "weights)");
+      "nash_mtl_weights(Tensor gram, Tensor? start, int optim_niter, float max_norm) -> "
+      "(Tensor alpha, Tensor weights)");
 }
 
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("nash_mtl_weights", &nash_mtl_weights); }
