@@ -13,6 +13,7 @@ Each method's test file states which properties it claims, e.g.::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -59,6 +60,41 @@ def matrices(tasks: tuple[int, ...] = (1, 2, 3, 8)) -> list[Tensor]:
 
 def matrix_ids(tasks: tuple[int, ...] = (1, 2, 3, 8)) -> list[str]:
     return [f"T{T}-{name}" for T in tasks for name in matrix_families(T)]
+
+
+def spread_norm_matrices(count: int, decades: float = 8.0, seed: int = 10_000) -> list[Tensor]:
+    """``count`` small float64 matrices (T = 3-5 tasks in P = 2-4 dimensions, so that the
+    gradients interact) whose row norms spread log-uniformly over ``decades`` orders of magnitude:
+    a gradient 1e-8 of the largest must be resolved like any other."""
+    out = []
+    for k in range(count):
+        g = _gen(seed + k)
+        T = int(torch.randint(3, 6, (1,), generator=g))
+        P = int(torch.randint(2, 5, (1,), generator=g))
+        J = torch.randn(T, P, generator=g, dtype=torch.float64)
+        exponents = decades * torch.rand(T, 1, generator=g, dtype=torch.float64) - decades / 2
+        out.append(J / J.norm(dim=1, keepdim=True) * 10**exponents)
+    return out
+
+
+def least_squares(A: Tensor, b: Tensor) -> Tensor:
+    """argmin_x ||A x − b||, with the columns of A scaled to unit norm first, so that columns of
+    very different norms are resolved alike (float64, QR-based)."""
+    norms = A.norm(dim=0).clamp_min(torch.finfo(A.dtype).tiny)
+    return torch.linalg.lstsq(A / norms, b.unsqueeze(1)).solution.squeeze(1) / norms
+
+
+def assert_update_close(d: Tensor, expected: Tensor, w: Tensor, J: Tensor, rtol: float = 1e-6):
+    """|d − expected| <= rtol |expected| + the rounding floor of the two computations: 1e-11
+    Σ_t |w_t| |g_t| for d = Σ_t w_t g_t (the terms can cancel, e.g. to an exact answer of 0) and
+    1e-13 max_t |g_t| for a float64 reference built from the rows themselves."""
+    norms = J.norm(dim=1)
+    floor = 1e-11 * float((w.abs() * norms).sum()) + 1e-13 * float(norms.max())
+    error = float((d - expected).norm())
+    assert error <= rtol * float(expected.norm()) + floor, (
+        f"|d - expected| = {error:.3g}, |expected| = {float(expected.norm()):.3g}, row norms "
+        f"{norms.tolist()}, weights {w.tolist()}"
+    )
 
 
 def scale_of(J: Tensor) -> float:
@@ -113,6 +149,29 @@ def assert_weights_match(
     w = agg.weights(G)
     expected = reference(G)
     torch.testing.assert_close(w, expected, rtol=rtol, atol=rtol * float(expected.abs().max() or 1))
+
+
+def assert_owns_its_generator(make: Callable[[], Aggregator], J: Tensor, steps: int = 3) -> None:
+    """A randomised method built without a generator draws from one of its own: seeded once from
+    torch's global RNG (``torch.manual_seed`` reproduces a run), not moved by other draws from
+    it, not shared with another instance, and restored by ``load_state_dict`` into a fresh
+    instance (also built without one), which then repeats the run bit for bit."""
+    torch.manual_seed(0)
+    original = make()
+    first = [original(J) for _ in range(steps)]
+    torch.manual_seed(0)
+    again = make()
+    for expected in first:
+        torch.randn(3)  # other draws from the global RNG between the calls
+        assert torch.equal(again(J), expected), "torch.manual_seed does not reproduce the run"
+    state = copy.deepcopy(original.state_dict())
+    expected = [original(J) for _ in range(steps)]
+    resumed = make()  # seeded from wherever the global RNG is now
+    resumed.load_state_dict(state)
+    for e in expected:
+        assert torch.equal(resumed(J), e), "the resumed run differs"
+    a, b = make(), make()
+    assert not torch.equal(a(J), b(J)), "two instances draw the same numbers"
 
 
 def assert_matrix_call_is_weighted_sum(make: Callable[[], GramAggregator], J: Tensor) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from aggregator_checks import scale_of
+from aggregator_checks import least_squares, scale_of
 
 from mtlgrad import ops
 
@@ -30,23 +30,22 @@ def assert_non_conflicting(agg, J: torch.Tensor, rtol: float = 1e-6) -> None:
 
 def project_onto_dual_cone(J: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """π_J(x) = argmin_{y : J y >= 0} ||y − x||² (Quinton & Rey 2024, Eq. 3), in the primal, by
-    enumerating active sets S: y = x + J_Sᵀ μ_S with J_S y = 0, μ_S >= 0 and J y >= 0."""
+    enumerating active sets S: y = x + J_Sᵀ μ_S with J_S y = 0 (a least-squares problem in μ_S),
+    μ_S >= 0 and J y >= 0. Each constraint's tolerance is relative to its own row's norm, so rows
+    whose norms span many orders of magnitude are resolved alike."""
     T = J.shape[0]
-    tol = 1e-9 * float(J.norm()) * float(x.norm() + 1)
+    norms = J.norm(dim=1)
+    scale = float(x.norm())
     for size in range(T + 1):
         for S in itertools.combinations(range(T), size):
             S = list(S)
             y = x.clone()
             if S:
-                JS = J[S]
-                try:
-                    mu = torch.linalg.solve(JS @ JS.T, -(JS @ x))
-                except RuntimeError:  # singular: S is not the active set of a generic input
+                mu = least_squares(J[S].T, -x)
+                if (mu * norms[S] < -1e-12 * scale).any():
                     continue
-                if (mu < -1e-12).any():
-                    continue
-                y = x + JS.T @ mu
-            if (J @ y >= -tol).all():
+                y = x + J[S].T @ mu
+            if (J @ y >= -1e-9 * norms * scale).all():
                 return y
     raise AssertionError("no active set satisfies the KKT conditions")
 

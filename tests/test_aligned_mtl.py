@@ -109,6 +109,20 @@ def test_float32_rank_deficient_gradients(mode: str) -> None:
     torch.testing.assert_close(w32, w64, rtol=1e-4, atol=1e-4 * float(w64.abs().max()))
 
 
+def test_rank_cut_drops_a_gradient_much_smaller_than_the_other() -> None:
+    # Two orthogonal gradients, the second r times shorter: eigenvalues 1 and 1/r², cut below
+    # 2 ε₃₂, i.e. past r = (2 ε₃₂)^(-1/2) = 2048. Below, d = g_1 / r + g_2 (both aligned gradients
+    # of norm |g_2|); past it, d = g_1.
+    g1 = torch.zeros(4, dtype=torch.float64)
+    g1[0] = 1
+    g2 = torch.zeros(4, dtype=torch.float64)
+    g2[1] = 1
+    for r in (1000.0, 2000.0):
+        d = AlignedMTL()(torch.stack([g1, g2 / r]))
+        torch.testing.assert_close(d, (g1 + g2) / r)
+    torch.testing.assert_close(AlignedMTL()(torch.stack([g1, g2 / 2100])), g1)
+
+
 def test_special_cases() -> None:
     g = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(AlignedMTL()(g.unsqueeze(0)), g)  # one task: its gradient

@@ -7,10 +7,12 @@ from aggregator_checks import (
     assert_linear_under_scaling,
     assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
+    assert_update_close,
     assert_weights_match,
     matrices,
     matrix_families,
     matrix_ids,
+    spread_norm_matrices,
 )
 from dual_cone import assert_non_conflicting, nonneg_qp, project_onto_dual_cone
 
@@ -72,6 +74,14 @@ def test_matches_the_papers_projection(T: int, seed: int) -> None:
     expected = project_onto_dual_cone(J, J.mean(0))
     assert not torch.allclose(expected, J.mean(0)), "the test needs a conflicting mean"
     torch.testing.assert_close(DualProj()(J), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_gradients_whose_norms_span_eight_decades() -> None:
+    # The constraints are resolved relative to each gradient's own norm: a gradient 1e-8 of the
+    # largest is kept from conflicting like any other.
+    for J in spread_norm_matrices(150):
+        w = DualProj().weights(J @ J.T)
+        assert_update_close(J.T @ w, project_onto_dual_cone(J, J.mean(0)), w, J)
 
 
 @pytest.mark.parametrize("T", [2, 3, 5, 8])

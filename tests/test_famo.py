@@ -158,3 +158,39 @@ def test_repr_and_errors() -> None:
     weighting(torch.ones(2))
     with pytest.raises(ValueError, match="FAMO.update: expected 2 task losses, got 3"):
         weighting.update(torch.ones(3))
+
+
+def test_loss_below_its_bound_raises_and_changes_nothing() -> None:
+    # log(L - b + ε) of a loss below its bound is NaN (or -inf), which the logits would keep.
+    weighting = FAMO(3, min_losses=[0.0, 0.5, 0.0])
+    pairs = loss_pairs(3, 3, seed=7)
+    for before, after in pairs[:2]:
+        weighting(before + 1)
+        weighting.update(after + 1)
+    state = copy.deepcopy(weighting.state_dict())
+
+    def assert_unchanged(pending: bool) -> None:
+        for key, value in weighting.state_dict().items():
+            assert key == "_extra_state" or torch.equal(value, state[key]), key
+        assert weighting.get_extra_state() == {"pending": pending}
+
+    below = {"seg": torch.tensor(1.0), "depth": torch.tensor(0.25), "normals": torch.tensor(2.0)}
+    with pytest.raises(
+        ValueError,
+        match=r"FAMO: the loss of 'depth' is 0.25, below its lower bound min_losses\[1\] = 0.5",
+    ):
+        weighting(below)
+    assert_unchanged(pending=False)
+    with pytest.raises(ValueError, match="FAMO: the loss of 'task 2' is -0.125, below its lower"):
+        weighting(torch.tensor([1.0, 1.0, -0.125]))
+    with pytest.raises(ValueError, match="FAMO: the loss of 'task 0' must be finite, got nan"):
+        weighting([torch.tensor(math.nan), torch.tensor(1.0), torch.tensor(1.0)])
+    assert_unchanged(pending=False)
+
+    weighting(pairs[2][0] + 1)
+    state = copy.deepcopy(weighting.state_dict())
+    with pytest.raises(ValueError, match="FAMO.update: the loss of 'depth' is 0.25, below its"):
+        weighting.update(below)
+    assert_unchanged(pending=True)
+    weighting.update(pairs[2][1] + 1)  # the step can still be completed
+    assert torch.isfinite(weighting.logits).all()

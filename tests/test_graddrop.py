@@ -2,7 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aggregator_checks import assert_finite_and_shaped, matrices, matrix_ids
+from aggregator_checks import (
+    assert_finite_and_shaped,
+    assert_owns_its_generator,
+    matrices,
+    matrix_ids,
+)
 from conftest import random_task_grads, task_matrix
 
 from mtlgrad import NonFiniteGradientError, ops
@@ -239,7 +244,13 @@ def test_constructor_checks_and_repr() -> None:
         GradDrop(generator=1)
     with pytest.raises(ValueError, match="2 leak values but got 3 tasks"):
         GradDrop(leak=[0.0, 0.0])(torch.randn(3, 4))
-    assert GradDrop().state_dict() == {}
+    assert GradDrop().state_dict().keys() == {"generator"}
+
+
+def test_owns_its_generator() -> None:
+    assert_owns_its_generator(
+        GradDrop, torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    )
 
 
 def test_matches_torchjd_with_the_same_uniforms(monkeypatch: pytest.MonkeyPatch) -> None:

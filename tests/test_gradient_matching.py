@@ -8,11 +8,14 @@ from aggregator_checks import (
     assert_finite_and_shaped,
     assert_linear_under_scaling,
     assert_matrix_call_is_weighted_sum,
+    assert_update_close,
     assert_weights_match,
+    least_squares,
     matrices,
     matrix_families,
     matrix_ids,
     scale_of,
+    spread_norm_matrices,
 )
 
 from mtlgrad import ops
@@ -73,6 +76,44 @@ def matching_weights(G: torch.Tensor, main: int) -> torch.Tensor:
                 w[aux] = a
                 return w
     raise AssertionError("no support satisfies the KKT conditions")
+
+
+def matching_fit(J: torch.Tensor, main: int) -> torch.Tensor:
+    """The projection Σ_k a_k g_k of g_main onto the cone of the auxiliary gradients, in the primal,
+    by enumerating supports S: a_S by least squares, a_S >= 0, and g_kᵀ r <= 0 for every auxiliary
+    (r = g_main − Σ a_k g_k, KKT), each to a tolerance relative to g_k's own norm."""
+    aux = [k for k in range(J.shape[0]) if k != main]
+    target = J[main]
+    for size in range(len(aux) + 1):
+        for S in itertools.combinations(aux, size):
+            S = list(S)
+            a = least_squares(J[S].T, target) if S else target[:0]
+            if (a < 0).any():
+                continue
+            fit = J[S].T @ a if S else torch.zeros_like(target)
+            products = J[aux] @ (target - fit)
+            if (products <= 1e-9 * J[aux].norm(dim=1) * target.norm()).all():
+                return fit
+    raise AssertionError("no support satisfies the KKT conditions")
+
+
+def test_a_small_helpful_gradient_is_used() -> None:
+    # g_main = (1, 1, 0) = 3000 g_1 + 10000 g_3 exactly (KKT: the residual is 0, and g_2 · 0 = 0),
+    # with g_1 and g_3 1e-3 and 2e-4 of g_main's norm and g_2 1e6 times larger. A dual test scaled
+    # by the largest gradient stops at a = (1000, 0, 0), which leaves 71% of g_main unmatched.
+    J = torch.tensor(
+        [[1.0, 1.0, 0.0], [1e-3, 0.0, 0.0], [0.0, 0.0, -1e3], [-2e-4, 1e-4, 0.0]],
+        dtype=torch.float64,
+    )
+    w = GradientMatching(0).weights(J @ J.T)
+    torch.testing.assert_close(w, torch.tensor([1.0, 3000.0, 0.0, 10000.0], dtype=torch.float64))
+    assert float((J[0] - J[1:].T @ w[1:]).norm()) < 1e-9 * float(J[0].norm())
+
+
+def test_gradients_whose_norms_span_eight_decades() -> None:
+    for J in spread_norm_matrices(400):
+        w = GradientMatching(0).weights(J @ J.T)
+        assert_update_close(J[1:].T @ w[1:], matching_fit(J, 0), w, J)
 
 
 @pytest.mark.parametrize("T", [2, 3, 5, 8])

@@ -3,8 +3,10 @@ and on the synthetic problem of the paper's Sec. 4 (shrunk)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -183,10 +185,10 @@ def test_state_round_trip() -> None:
     assert sorted(original["weighting"].state_dict()) == ["initial_losses", "task_weights"]
 
 
-def paper_problem(T: int, sigmas: list[float], seed: int = 0, n: int = 64):
+def paper_problem(T: int, sigmas: list[float], seed: int = 0, n: int = 32):
     """Sec. 4: y_i = σ_i tanh((B + ε_i) x), B and ε_i with N(0, 10) and N(0, 3.5) entries
-    (variances), shrunk from 250 inputs and 100 outputs to 12 and 6, and the trunk (4 tanh layers)
-    from 100 to 24 units. Full batch of n points."""
+    (variances), shrunk from 250 inputs and 100 outputs to 12 and 6, and the trunk from 4 tanh
+    layers of 100 units to 2 of 16. Full batch of n points."""
     g = torch.Generator().manual_seed(seed)
     d_in, d_out = 12, 6
     B = math.sqrt(10) * torch.randn(d_out, d_in, generator=g)
@@ -195,11 +197,23 @@ def paper_problem(T: int, sigmas: list[float], seed: int = 0, n: int = 64):
     for sigma in sigmas:
         eps = math.sqrt(3.5) * torch.randn(d_out, d_in, generator=g)
         ys.append(sigma * torch.tanh(x @ (B + eps).T))
-    model = Net(T, d_in=d_in, width=24, d_out=d_out, depth=4, seed=seed)
+    model = Net(T, d_in=d_in, width=16, d_out=d_out, depth=2, seed=seed)
     return model, x, ys
 
 
-def train(kind: str, seed: int, steps: int = 150, last: int = 20) -> tuple[float, list[float]]:
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    # A 16-unit network: intra-op threads only add synchronisation, which on a busy machine
+    # costs 50-100x the work itself.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train(kind: str, seed: int, steps: int = 60, last: int = 10) -> tuple[float, list[float]]:
     """Trains on the paper's problem with task scales σ = 1, 5, 20, 100; returns the max / min
     ratio of the weighted task-gradient norms on W (each averaged over the last steps, measured
     independently of the weighting) and the average weights over those steps."""
@@ -208,7 +222,7 @@ def train(kind: str, seed: int, steps: int = 150, last: int = 20) -> tuple[float
     # A small asymmetry α: the tasks differ in scale, hardly in difficulty.
     weighting = GradNorm(T, model.last_shared, alpha=0.12) if kind == "gradnorm" else Equal(T)
     optimizer = torch.optim.Adam(
-        [{"params": model.parameters()}, {"params": weighting.parameters(), "lr": 0.02}], lr=1e-3
+        [{"params": model.parameters()}, {"params": weighting.parameters(), "lr": 0.06}], lr=1e-3
     )
     norms = torch.zeros(T, dtype=torch.float64)
     weights = torch.zeros(T, dtype=torch.float64)
@@ -229,14 +243,16 @@ def train(kind: str, seed: int, steps: int = 150, last: int = 20) -> tuple[float
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_balances_the_gradient_norms_of_the_paper_problem(seed: int) -> None:
-    # Measured over seeds 0-5: equal weighting 150-360, GradNorm 1.0-1.6.
-    equal_ratio, _ = train("equal", seed)
-    gradnorm_ratio, weights = train("gradnorm", seed)
+    # Measured over seeds 0-9: equal weighting 91-225, GradNorm 1.13-1.54, weights[0] /
+    # weights[-1] 105-194 (60 steps, the weights' learning rate 0.06).
+    with single_threaded():
+        equal_ratio, _ = train("equal", seed)
+        gradnorm_ratio, weights = train("gradnorm", seed)
     assert equal_ratio > 50
     assert gradnorm_ratio < 2
     # The task with the largest scale gets the smallest weight, the quietest the largest.
     assert weights == sorted(weights, reverse=True)
-    assert weights[0] > 100 * weights[-1]
+    assert weights[0] > 50 * weights[-1]
 
 
 def test_repr_and_errors() -> None:
@@ -266,6 +282,31 @@ def test_repr_and_errors() -> None:
         ValueError, match="the initial loss of 'task 2' must be positive and finite"
     ):
         weighting([losses[0], losses[1], zero])
+
+
+def test_later_loss_not_positive_raises_and_changes_nothing() -> None:
+    # L(t) / L(0) <= 0 makes the task's rate NaN (or 0), and its weight silently stops learning.
+    model, x, ys = small_problem()
+    weighting = GradNorm(3, model.last_shared).double()
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        weighting(model.losses(x, ys)).backward()
+        optimizer.step()  # the weights no longer sum to T: renormalising would change them
+    weights, initial = weighting.task_weights.detach().clone(), weighting.initial_losses.clone()
+    grad = weighting.task_weights.grad.clone()
+    losses = model.losses(x, ys)
+    negative = losses[1] - losses[1].detach() - 0.5  # value -0.5, gradient that of losses[1]
+    named = {"seg": losses[0], "depth": negative, "normals": losses[2]}
+    with pytest.raises(
+        ValueError, match=r"the loss of 'depth' must be positive and finite .*, got -0.5"
+    ):
+        weighting(named)
+    with pytest.raises(ValueError, match=r"the loss of 'task 2' must be positive .*, got 0.0"):
+        weighting([losses[0], losses[1], 0 * losses[2]])
+    assert torch.equal(weighting.task_weights.detach(), weights)
+    assert torch.equal(weighting.initial_losses, initial)
+    assert torch.equal(weighting.task_weights.grad, grad)
 
 
 def test_non_finite_gradient_names_the_task_and_parameter() -> None:

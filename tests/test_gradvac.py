@@ -7,6 +7,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_matrix_call_is_weighted_sum,
+    assert_owns_its_generator,
     matrices,
     matrix_families,
     matrix_ids,
@@ -221,6 +222,12 @@ def test_single_task_returns_the_gradient() -> None:
 def test_constructor_errors(beta: object) -> None:
     with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\]"):
         GradVac(beta=beta)  # type: ignore[arg-type]
+
+
+def test_owns_its_generator() -> None:
+    J = randn(6, 40) - 0.3  # conflicts
+    assert_owns_its_generator(GradVac, J)
+    assert GradVac().state_dict().keys() == {"generator", "targets"}
 
 
 def test_generator_is_checked() -> None:

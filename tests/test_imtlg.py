@@ -73,6 +73,45 @@ def test_singular_systems_use_the_pseudo_inverse(T: int, name: str) -> None:
     torch.testing.assert_close(IMTLG()(J), J.T @ expected, rtol=1e-7, atol=1e-7 * float(J.norm()))
 
 
+@pytest.mark.parametrize("T", [2, 3, 5, 8])
+def test_nearly_parallel_gradients_in_any_order(T: int) -> None:
+    # Gradients parallel up to 1e-9: the system is singular to rounding, and which solution is
+    # returned must not depend on the order of the tasks (differences of 0.1-0.9 of |d| when
+    # rounding was inverted relative to task 1).
+    for seed in range(3):
+        base = torch.randn(50, generator=gen(seed), dtype=torch.float64)
+        noise = torch.randn(T, 50, generator=gen(seed + 10), dtype=torch.float64)
+        scales = 0.5 + torch.rand(T, 1, generator=gen(seed + 20), dtype=torch.float64)
+        J = base * (1 + 1e-9 * noise) * scales
+        d = IMTLG()(J)
+        for k in range(6):
+            perm = torch.randperm(T, generator=gen(100 * seed + k))
+            torch.testing.assert_close(IMTLG()(J[perm]), d, rtol=0, atol=1e-10 * float(d.norm()))
+
+
+def test_parallel_gradients_get_the_limit_of_nearly_parallel_ones() -> None:
+    # g and 3g: every α with Σ α = 1 has equal projections. The weights are those of g and
+    # 3g + εh as ε -> 0 (the paper's closed form: α ∝ 1 / ||g_t||), i.e. pinv(G) √diag(G)
+    # normalised, as TorchJD.
+    g = torch.randn(30, generator=gen(5), dtype=torch.float64)
+    h = torch.randn(30, generator=gen(6), dtype=torch.float64)
+    expected = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    near = torch.stack([g, 3 * g + 1e-4 * h])
+    torch.testing.assert_close(reference_imtlg(near @ near.T), expected, rtol=1e-3, atol=0)
+    J = torch.stack([g, 3 * g])
+    torch.testing.assert_close(IMTLG().weights(J @ J.T), expected)
+
+
+def test_dependent_gradients_without_conflict_give_zero() -> None:
+    # Three pairwise acute gradients in a plane: no update in the plane has equal, non-zero
+    # projections on all three, so the update is 0 (also the paper's closed form, D Uᵀ being
+    # invertible here), although nothing conflicts.
+    J = torch.tensor([[1.0, 0.2, 0.0], [0.8, 0.6, 0.0], [0.9, 0.1, 0.0]], dtype=torch.float64)
+    assert (J @ J.T > 0).all()
+    assert float(IMTLG()(J).norm()) < 1e-12
+    torch.testing.assert_close(J.T @ reference_imtlg(J @ J.T), torch.zeros(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("duplicated", [False, True])
 def test_256_tasks(duplicated: bool) -> None:
     J = torch.randn(256, 600, generator=gen(13), dtype=torch.float64)

@@ -10,11 +10,14 @@ from aggregator_checks import (
     assert_linear_under_scaling,
     assert_matrix_call_is_weighted_sum,
     assert_permutation_invariant,
+    assert_update_close,
     assert_weights_match,
+    least_squares,
     matrices,
     matrix_families,
     matrix_ids,
     scale_of,
+    spread_norm_matrices,
 )
 
 from mtlgrad import ops
@@ -119,6 +122,26 @@ def min_norm_weights(G: torch.Tensor) -> torch.Tensor:
     raise AssertionError("no support satisfies the KKT conditions")
 
 
+def min_norm_point(J: torch.Tensor) -> torch.Tensor:
+    """The min-norm point p of the convex hull of the rows of J, in the primal, by enumerating
+    supports S: p is the min-norm point of their affine hull (a least-squares problem in the
+    differences g_s − g_first), with non-negative weights, and g_iᵀ p >= |p|² for every row (KKT).
+    Tolerances are relative to each row's own norm (and to the rounding of the largest)."""
+    T = J.shape[0]
+    norms = J.norm(dim=1)
+    for size in range(1, T + 1):
+        for S in itertools.combinations(range(T), size):
+            first, rest = J[S[0]], J[list(S[1:])]
+            beta = least_squares((rest - first).T, -first) if size > 1 else first[:0]
+            if (beta < -1e-12).any() or beta.sum() > 1 + 1e-12:
+                continue
+            p = first + (rest - first).T @ beta if size > 1 else first
+            slack = J @ p - p @ p
+            if (slack >= -1e-9 * norms * p.norm() - 1e-12 * norms * norms.max()).all():
+                return p
+    raise AssertionError("no support satisfies the KKT conditions")
+
+
 def normalizers(J: torch.Tensor, losses: torch.Tensor | None, normalization: str) -> torch.Tensor:
     """The official code's gradient_normalizers."""
     norms = J.norm(dim=1)
@@ -145,6 +168,14 @@ def test_weights_match_the_min_norm_problem(T: int, seed: int) -> None:
     J[0] *= 3  # a long gradient that is not in the support
     assert_weights_match(MGDA(), J, min_norm_weights)
     torch.testing.assert_close(MGDA()(J), reference_mgda(J))
+
+
+def test_gradients_whose_norms_span_eight_decades() -> None:
+    # The min-norm point is at most the smallest gradient's norm; it must be found to that
+    # gradient's precision, not to the largest one's.
+    for J in spread_norm_matrices(150):
+        w = MGDA().weights(J @ J.T)
+        assert_update_close(J.T @ w, min_norm_point(J), w, J)
 
 
 @pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])

@@ -7,6 +7,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_matrix_call_is_weighted_sum,
+    assert_owns_its_generator,
     matrices,
     matrix_ids,
 )
@@ -95,6 +96,12 @@ def test_single_task_returns_the_gradient() -> None:
 def test_no_conflict_means_sum() -> None:
     J = torch.rand(6, 40, dtype=torch.float64)  # all entries positive: no conflicts
     torch.testing.assert_close(seeded()(J), J.sum(0))
+
+
+def test_owns_its_generator() -> None:
+    J = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)) - 0.3  # conflicts
+    assert_owns_its_generator(PCGrad, J)
+    assert PCGrad().state_dict().keys() == {"generator"}
 
 
 def test_generator_is_checked() -> None:

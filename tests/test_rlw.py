@@ -7,6 +7,7 @@ import torch
 from aggregator_checks import (
     assert_finite_and_shaped,
     assert_matrix_call_is_weighted_sum,
+    assert_owns_its_generator,
     matrices,
     matrix_ids,
 )
@@ -87,9 +88,13 @@ def test_single_task_returns_the_gradient() -> None:
     torch.testing.assert_close(seeded()(J), J[0])
 
 
+def test_owns_its_generator() -> None:
+    assert_owns_its_generator(RLW, torch.randn(4, 30, generator=torch.Generator().manual_seed(2)))
+
+
 def test_repr_state_and_checks() -> None:
     assert repr(RLW()) == "RLW()"
-    assert RLW().state_dict() == {}
+    assert RLW().state_dict().keys() == {"generator"}
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         RLW(generator=3)
 

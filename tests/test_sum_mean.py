@@ -41,6 +41,15 @@ def test_repr_and_state() -> None:
         Mean().load_state_dict({"x": 1})
 
 
+def test_inputs_that_require_grad_are_detached() -> None:
+    # Aggregators are not differentiable (the base classes' contract): no graph to backpropagate.
+    J = torch.randn(3, 10, requires_grad=True)
+    for agg in (Sum(), Mean()):
+        assert agg(J).grad_fn is None and not agg(J).requires_grad
+        w = agg.weights((J @ J.T).double())
+        assert w.grad_fn is None and not w.requires_grad
+
+
 def test_bad_matrix() -> None:
     with pytest.raises(ValueError, match=r"expects a matrix J of shape \(T, P\)"):
         Sum()(torch.ones(3))

@@ -4,27 +4,46 @@
 // That system is the stationarity condition of the strictly convex function
 //   Φ(w) = ½ wᵀ G w − Σ_i h(w_i),   h'(w) = w^{-1/α}   (h = log for α = 1, w^{1−1/α} / (1 − 1/α) else)
 // on w > 0, so we minimise Φ by Newton's method with a step that keeps w positive and decreases Φ.
+//
+// Degenerate gradients. The system has no positive solution when some non-negative combination
+// Σ_{i∈S} c_i g_i of the gradients vanishes (a zero gradient, two opposite ones, gradients that
+// positively span a subspace): Σ_{i∈S} c_i g_iᵀ d = 0 for every d, so no update decreases all the
+// losses of S. A ridge ρ on G (tiny private components for every gradient) keeps the weights
+// finite but gives no usable answer: its update has g_iᵀ d = w_i^{-1/α} − ρ w_i with w ≈ t c along
+// the vanishing combination, ρ t² |c|² ≈ Σ_S (t c_i)^{1−1/α}, so the tasks with the larger c_i
+// conflict with it at a cosine of order 1 whatever ρ (an update of size ~ρ^{1/(1+α)}); and a ridge
+// below the rounding of G (relative errors ~1e-7 of its diagonal when the gradients are float32,
+// G being accumulated in float32 within chunks) does not even keep Φ convex: the weights grow
+// until the line search stalls, and the update, a near-total cancellation, is rounding that
+// conflicts with many tasks (half of 20, at cosines down to −0.25, in tests/test_fairgrad.py).
+// What the ridge tends to as ρ -> 0 is well defined, and is what we compute: the tasks of S get
+// no decrease (d is orthogonal to their gradients), and the others share the update fairly within
+// the orthogonal complement of span(g_S): FairGrad on their gradients projected there. S is found
+// to the rounding level of G (below).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "dense.h"
+#include "nonneg_qp.h"
 
 namespace mtlgrad::solvers {
 namespace {
 
-// Added to the diagonal of the trace-normalised G. The system has no positive solution when some
-// positive combination of the gradients vanishes (a zero gradient, two opposite ones, more tasks
-// than dimensions around the origin): the weights along it grow without bound. The ridge keeps them
-// finite, ≈ kRidge^{-α/(1+α)} (1e6 for α = 1), and moves well-posed solutions by ~1e-12 relative.
-constexpr double kRidge = 1e-12;
+// The rounding level of G, relative to the products it is made of: T ε₃₂ (as Aligned-MTL's rank cut
+// and IMTL-G's), the relative error of a Gram matrix of float32 gradients. A non-negative
+// combination w (Σ w = 1) vanishes to rounding when |Σ w_i g_i|² <= τ (Σ w_i ||g_i||)², and a
+// gradient lies in a span to rounding when the part of it outside has |.|² <= τ ||g||².
+constexpr double kFloat32Epsilon = 1.1920928955078125e-07;
 constexpr int kMaxIterations = 200;
 
 struct Potential {
-  const Matrix& A;  // G / σ + kRidge I
+  const Matrix& A;  // G / σ
   double alpha;
 
   double power(double w) const { return std::pow(w, -1 / alpha); }  // h'(w) = w^{-1/α}
@@ -41,15 +60,12 @@ struct Potential {
   }
 };
 
-at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
-  const char* op = "mtlgrad.fairgrad_weights";
-  TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be positive, got ", alpha);
-  Matrix A = gram_matrix(gram, op);
+// The positive root of A w = w^{-1/α} for the Gram matrix A of gradients none of whose non-negative
+// combinations vanishes (so that Φ is bounded below and its minimiser is the root).
+Vector positive_root(Matrix A, double alpha) {
   const int64_t T = A.n;
   const double sigma = normalise_trace(A);
-  // G = 0: every update is zero; no weights solve the system, and any will do.
-  if (sigma == 0) return to_tensor(Vector(size_t(T), 1.0));
-  for (int64_t i = 0; i < T; ++i) A(i, i) += kRidge;
+  if (sigma == 0) return Vector(size_t(T), 0.0);  // not reached: zero gradients are in S
   const Potential phi{A, alpha};
 
   // Start from the solution for the diagonal of A, scaled by the best factor along that ray
@@ -119,7 +135,109 @@ at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
   // Back to the scale of G: if G = σ Ĝ and Ĝ ŵ = ŵ^{-1/α}, then w = σ^{-α/(1+α)} ŵ solves G w = w^{-1/α}.
   const double factor = std::pow(sigma, -alpha / (1 + alpha));
   for (double& v : w) v *= factor;
-  return to_tensor(w);
+  return w;
+}
+
+// Rows and columns R of the Gram matrix of the gradients projected onto the orthogonal complement
+// of span(g_S): G_RR − G_RS P G_SR, with P = D⁻¹ C_SS⁺ D⁻¹ (C_SS the cosines of S, D their norms:
+// the pseudo-inverse is taken on the scale-free cosines, cut at |S| ε₃₂). `P_out` receives P.
+Matrix project_off(const Matrix& G, const std::vector<int64_t>& S, const std::vector<int64_t>& R,
+                   Matrix* P_out = nullptr) {
+  const int64_t s = int64_t(S.size()), r = int64_t(R.size());
+  Matrix out(r);
+  for (int64_t a = 0; a < r; ++a)
+    for (int64_t b = 0; b < r; ++b) out(a, b) = G(R[size_t(a)], R[size_t(b)]);
+  if (s == 0) return out;
+  Vector norm(static_cast<size_t>(s));
+  for (int64_t i = 0; i < s; ++i) norm[size_t(i)] = std::sqrt(G(S[size_t(i)], S[size_t(i)]));
+  Matrix C(s);
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < s; ++j)
+      C(i, j) = G(S[size_t(i)], S[size_t(j)]) / (norm[size_t(i)] * norm[size_t(j)]);
+  Matrix P = symmetric_pseudo_inverse(C, double(s) * kFloat32Epsilon);
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < s; ++j) P(i, j) /= norm[size_t(i)] * norm[size_t(j)];
+  // out −= G_RS P G_SR, through PG = P G_SR (s x r).
+  Matrix PG(std::max(s, r));
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t b = 0; b < r; ++b) {
+      double v = 0;
+      for (int64_t j = 0; j < s; ++j) v += P(i, j) * G(S[size_t(j)], R[size_t(b)]);
+      PG(i, b) = v;
+    }
+  for (int64_t a = 0; a < r; ++a)
+    for (int64_t b = 0; b < r; ++b) {
+      double v = 0;
+      for (int64_t i = 0; i < s; ++i) v += G(R[size_t(a)], S[size_t(i)]) * PG(i, b);
+      out(a, b) -= v;
+    }
+  if (P_out != nullptr) *P_out = std::move(P);
+  return out;
+}
+
+at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha) {
+  const char* op = "mtlgrad.fairgrad_weights";
+  TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be positive, got ", alpha);
+  const Matrix G = gram_matrix(gram, op);
+  const int64_t T = G.n;
+  const double tau = double(T) * kFloat32Epsilon;
+
+  // S: the tasks in a non-negative combination of the gradients that vanishes to rounding, found
+  // as min-norm points of the convex hull (MGDA's problem) of the gradients projected off the S
+  // found so far, until that hull stays away from 0. A gradient in span(g_S) joins S at once
+  // (-g_i is then in the cone of g_S, which is a subspace); so does a zero gradient.
+  std::vector<char> in_S(static_cast<size_t>(T), 0);
+  std::vector<int64_t> S, R;  // S without its zero gradients; the other tasks
+  for (bool grew = true; grew;) {
+    grew = false;
+    R.clear();
+    for (int64_t i = 0; i < T; ++i)
+      if (!in_S[size_t(i)]) R.push_back(i);
+    if (R.empty()) break;
+    const Matrix H = project_off(G, S, R);
+    for (size_t a = 0; a < R.size(); ++a) {
+      const int64_t i = R[a];
+      if (!(H(int64_t(a), int64_t(a)) > tau * G(i, i))) {
+        in_S[size_t(i)] = 1;
+        if (G(i, i) > 0) S.push_back(i);
+        grew = true;
+      }
+    }
+    if (grew) continue;
+    const Vector w = min_norm_weights(H);
+    double scale = 0;
+    std::vector<double> contribution(R.size());
+    for (size_t a = 0; a < R.size(); ++a) {
+      contribution[a] = w[a] * std::sqrt(G(R[a], R[a]));
+      scale += contribution[a];
+    }
+    if (!(dot(w, multiply(H, w)) <= tau * scale * scale)) break;  // no vanishing combination left
+    const size_t largest =
+        size_t(std::max_element(contribution.begin(), contribution.end()) - contribution.begin());
+    for (size_t a = 0; a < R.size(); ++a) {
+      if (a == largest || contribution[a] > std::sqrt(tau) * scale) {
+        in_S[size_t(R[a])] = 1;
+        S.push_back(R[a]);
+        grew = true;
+      }
+    }
+  }
+  Vector weights(size_t(T), 0.0);
+  if (R.empty()) return to_tensor(weights);  // no update decreases every loss: d = 0
+  Matrix P;
+  const Vector w = positive_root(project_off(G, S, R, &P), alpha);
+  for (size_t a = 0; a < R.size(); ++a) weights[size_t(R[a])] = w[a];
+  // w_S = −P G_SR w_R removes the update's component in span(g_S).
+  for (size_t i = 0; i < S.size(); ++i) {
+    double v = 0;
+    for (size_t j = 0; j < S.size(); ++j) {
+      double g = 0;
+      for (size_t a = 0; a < R.size(); ++a) g += G(S[j], R[a]) * w[a];
+      v += P(int64_t(i), int64_t(j)) * g;
+    }
+    weights[size_t(S[i])] = -v;
+  }
+  return to_tensor(weights);
 }
 
 }  // namespace

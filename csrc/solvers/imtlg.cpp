@@ -1,12 +1,16 @@
 // IMTL-G (Liu et al., 2021, "Towards Impartial Multi-task Learning", ICLR 2021): the weights α
 // (Σ α = 1) for which the update g = Σ_t α_t g_t has the same projection on every task's unit
-// gradient u_t = g_t / ||g_t||. The paper's closed form, with task 1 as reference:
+// gradient u_t = g_t / ||g_t||. The paper's closed form takes task 1 as reference:
 //
 //     α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹,   α_1 = 1 − Σ_{t>=2} α_t,
-//     D = [g_1 − g_2, ..., g_1 − g_T]ᵀ,   U = [u_1 − u_2, ..., u_1 − u_T]ᵀ,
+//     D = [g_1 − g_2, ..., g_1 − g_T]ᵀ,   U = [u_1 − u_2, ..., u_1 − u_T]ᵀ.
 //
-// where every entry is a dot product (g_i − g_j)ᵀ(u_k − u_l), i.e. a combination of G_ik / ||g_k||.
-// Singular D Uᵀ (duplicated or linearly dependent gradients) uses the pseudo-inverse.
+// The same conditions are solved here as a system that treats every task alike (imtlg_weights):
+// the paper's weights whenever D Uᵀ is invertible. When it is not (duplicated, parallel or
+// dependent gradients), a pseudo-inverse of D Uᵀ depends on the reference task (its minimum-norm
+// choice, and its cut-off, relative to D Uᵀ's largest singular value: for nearly parallel
+// gradients D Uᵀ is all rounding, which it would invert); the choice made below does not depend
+// on the order of the tasks.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -23,7 +27,7 @@ namespace {
 // x = M⁺ b for a general square M, by a one-sided Jacobi SVD (Hestenes): rotations orthogonalise the
 // columns of M (rows of W = Mᵀ here, for contiguous access) and accumulate V, so that M V = W_finalᵀ
 // with orthogonal columns σ_k u_k. Singular values below rtol · σ_max count as zero. O(T³) per
-// sweep; used only when the fast elimination finds D Uᵀ singular.
+// sweep; used only when the fast elimination finds the system singular.
 Vector pseudo_inverse_solve(const Matrix& M, const Vector& b, double rtol) {
   const int64_t n = M.n;
   Matrix W(n), Vt = Matrix::identity(n);
@@ -85,6 +89,12 @@ Vector pseudo_inverse_solve(const Matrix& M, const Vector& b, double rtol) {
   return x;
 }
 
+// Singular values (and elimination pivots) of the cosine system below (n + 1) ε₃₂ count as
+// zero: the cosines come from G, whose entries carry relative errors of a few ε₃₂ when the
+// gradients are float32 (accumulated in float32 within chunks), so anything smaller is rounding
+// that inverting would turn into an order-dependent answer.
+constexpr double kFloat32Epsilon = 1.1920928955078125e-07;
+
 at::Tensor imtlg_weights(const at::Tensor& gram) {
   Matrix G = gram_matrix(gram, "mtlgrad.imtlg_weights");
   normalise_trace(G);  // the weights are scale-invariant; this keeps the thresholds below absolute
@@ -94,33 +104,62 @@ at::Tensor imtlg_weights(const at::Tensor& gram) {
   std::vector<int64_t> tasks;
   for (int64_t i = 0; i < T; ++i)
     if (G(i, i) > 1e-30) tasks.push_back(i);
-  if (tasks.empty()) return to_tensor(weights);
-  const int64_t m = int64_t(tasks.size()) - 1;  // unknowns α_2..α_n of the non-zero tasks
-  Vector norm(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) norm[i] = std::sqrt(G(tasks[i], tasks[i]));
-  // g_i · u_j for positions i, j in `tasks`.
-  auto gu = [&](int64_t i, int64_t j) { return G(tasks[size_t(i)], tasks[size_t(j)]) / norm[size_t(j)]; };
+  const int64_t n = int64_t(tasks.size());
+  if (n == 0) return to_tensor(weights);
+  Vector norm(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) norm[size_t(i)] = std::sqrt(G(tasks[size_t(i)], tasks[size_t(i)]));
 
+  // In the contributions β_k = α_k ||g_k||, the update is g = Σ_k β_k u_k and its projections are
+  // u_iᵀ g = (C β)_i with C the cosine matrix: equal projections and Σ α = 1 read
+  //     C β − λ 1 = 0,   Σ_k β_k / ||g_k|| = 1,
+  // one square system in (β, λ) that treats the tasks alike (the paper's closed form picks task 1
+  // as reference; its solution is the same whenever it is unique) and whose entries are O(1)
+  // whatever the gradients' norms (the last row is divided by its norm).
+  Matrix K(n + 1);
+  Vector rhs(static_cast<size_t>(n + 1), 0.0);
+  double row_norm = 0;
+  for (int64_t k = 0; k < n; ++k) row_norm += 1 / (norm[size_t(k)] * norm[size_t(k)]);
+  row_norm = std::sqrt(row_norm);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < n; ++k)
+      K(i, k) = G(tasks[size_t(i)], tasks[size_t(k)]) / (norm[size_t(i)] * norm[size_t(k)]);
+    K(i, n) = -1;
+    K(n, i) = 1 / (norm[size_t(i)] * row_norm);
+  }
+  rhs[size_t(n)] = 1 / row_norm;
+  const double tol = double(n + 1) * kFloat32Epsilon;
+  // Gaussian elimination when the system is clearly regular: one solution (independent gradients,
+  // or dependent ones whose only equal-projection update is 0).
   Vector x;
-  if (m > 0) {
-    // α_{2:} (D Uᵀ) = g_1 Uᵀ, i.e. (D Uᵀ)ᵀ x = (g_1 Uᵀ)ᵀ with (D Uᵀ)_ij = (g_1 − g_{i+1})ᵀ(u_1 − u_{j+1}).
-    Matrix At(m);  // (D Uᵀ)ᵀ
-    Vector rhs(static_cast<size_t>(m));
-    for (int64_t j = 0; j < m; ++j) {
-      rhs[size_t(j)] = gu(0, 0) - gu(0, j + 1);
-      for (int64_t i = 0; i < m; ++i) At(j, i) = gu(0, 0) - gu(0, j + 1) - gu(i + 1, 0) + gu(i + 1, j + 1);
+  double total = 0;  // Σ α
+  auto sum_of_weights = [&] {
+    total = 0;
+    for (int64_t i = 0; i < n; ++i) total += x[size_t(i)] / norm[size_t(i)];
+    return total;
+  };
+  if (!solve(K, rhs, x, tol) || !(std::abs(sum_of_weights()) > 1e-12)) {
+    // Many solutions (duplicated, parallel or otherwise dependent gradients), or none. When some
+    // update has equal, non-zero projections (1 is in the range of C), take λ = 1 and the
+    // minimum-norm β = C⁺ 1, normalised to Σ α = 1 (TorchJD's pinv(G) √diag(G): for parallel
+    // gradients, the limit of nearly parallel ones for T = 2, the harmonic mean of their norms);
+    // otherwise the projections can only be equal at 0, and the minimum-norm solution of the
+    // whole system gives d = 0 (or, with no solution at all, the least-squares one). Both are
+    // invariant under a reordering of the tasks.
+    Matrix C(n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < n; ++k) C(i, k) = K(i, k);
+    const Vector beta = multiply(symmetric_pseudo_inverse(C, tol), Vector(size_t(n), 1.0));
+    const Vector projections = multiply(C, beta);
+    double miss = 0;
+    for (double v : projections) miss = std::max(miss, std::abs(v - 1));
+    x = beta;
+    if (!(miss <= std::sqrt(tol)) || !(std::abs(sum_of_weights()) > 1e-12)) {
+      x = pseudo_inverse_solve(K, rhs, tol);
+      if (!(std::abs(sum_of_weights()) > 1e-12)) total = 1;
     }
-    // Gaussian elimination when D Uᵀ is clearly regular (pivots above 1e-10 of its largest entry),
-    // else the minimum-norm least-squares solution (singular values below 1e-10 of the largest
-    // dropped).
-    if (!solve(At, rhs, x, 1e-10)) x = pseudo_inverse_solve(At, rhs, 1e-10);
   }
-  double rest = 1;
-  for (int64_t i = 0; i < m; ++i) {
-    weights[size_t(tasks[size_t(i + 1)])] = x[size_t(i)];
-    rest -= x[size_t(i)];
-  }
-  weights[size_t(tasks[0])] = rest;
+  for (int64_t i = 0; i < n; ++i)
+    weights[size_t(tasks[size_t(i)])] = x[size_t(i)] / (norm[size_t(i)] * total);
   return to_tensor(weights);
 }
 

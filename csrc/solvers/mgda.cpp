@@ -1,12 +1,7 @@
 // MGDA (Sener & Koltun, 2018, "Multi-Task Learning as Multi-Objective Optimization"): the
 // minimum-norm point of the convex hull of the (optionally normalised) task gradients,
-// min_{w in simplex} wᵀ G w (the paper's Eq. 3 / Algorithm 2 problem), solved exactly.
-//
-// Least-distance programming (Lawson & Hanson, 1974, ch. 23): the min-norm point of the hull of
-// the columns of A = Jᵀ comes from the NNLS problem min_{y >= 0} ||Jᵀ y||² + (1ᵀ y - 1)², whose
-// Gram form is the non-negative QP with Q = G + 1 1ᵀ and c = -1. Its KKT conditions are those of
-// the simplex problem for w = y / 1ᵀy, and 1ᵀy = 1 / (1 + |Jᵀw|²) > 0 always, also when the
-// min-norm point is 0 (where the plain reduction min_{y >= 0} ½ yᵀ G y - 1ᵀ y is unbounded).
+// min_{w in simplex} wᵀ G w (the paper's Eq. 3 / Algorithm 2 problem), solved exactly by
+// least-distance programming (min_norm_weights in nonneg_qp.h).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -16,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "dense.h"
 #include "nonneg_qp.h"
@@ -76,15 +72,7 @@ at::Tensor mgda_weights(const at::Tensor& gram, c10::string_view normalization_v
       for (int64_t j = 0; j < T; ++j)
         G(i, j) *= largest > 0 ? (scale[size_t(i)] / largest) * (scale[size_t(j)] / largest) : 0.0;
   }
-  normalise_trace(G);  // the min-norm weights are scale-invariant; the QP's tolerances are relative
-  for (double& v : G.data) v += 1.0;  // Q = Ĝ + 1 1ᵀ
-  NonnegQP qp(G);
-  Vector y = qp.solve(Vector(size_t(T), -1.0));
-  double total = 0;
-  for (double v : y) total += v;
-  // total = 1 / (1 + |min-norm point|²) in trace units, at least 1 / (1 + T): never zero.
-  for (double& v : y) v /= total;
-  return to_tensor(y);
+  return to_tensor(min_norm_weights(std::move(G)));
 }
 
 }  // namespace

@@ -324,9 +324,8 @@ std::tuple<at::Tensor, at::Tensor> nash_mtl_weights(const at::Tensor& gram,
 TORCH_LIBRARY_FRAGMENT(mtlgrad, m) {
   // (alpha, weights); `start` is the previous alpha (or None), optim_niter = 0 reuses it.
   m.def(
-      "nash_mtl_weights(Tensor gram, Tensor? start, int optim_niter, float max_norm) -> (Tensor alpha, "
-      "Tensor "
-      "weights)");
+      "nash_mtl_weights(Tensor gram, Tensor? start, int optim_niter, float max_norm) -> "
+      "(Tensor alpha, Tensor weights)");
 }
 
 TORCH_LIBRARY_IMPL(mtlgrad, CPU, m) { m.impl("nash_mtl_weights", &nash_mtl_weights); }

@@ -4,13 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace mtlgrad::solvers {
 namespace {
 
-// A bound variable enters only if its dual value exceeds this fraction of the problem's scale
-// (|c| plus |Q x|): far above the rounding of a dot product of a few hundred terms, far below
-// anything that changes the answer.
+// A bound variable enters only if its (scaled) dual value exceeds this fraction of the terms it is
+// made of (|c| plus |Q x|, in the scaled problem): far above the rounding of a dot product
+// of a few hundred terms, far below anything that changes the answer.
 constexpr double kDualTolerance = 1e-12;
 // An entering column whose Cholesky pivot² is below this fraction of its diagonal entry is
 // dependent on the free columns to rounding (e.g. a duplicated gradient): it would make the free
@@ -21,8 +22,11 @@ constexpr double kPivotTolerance = 1e-12;
 }  // namespace
 
 NonnegQP::NonnegQP(const Matrix& Q)
-    : Q_(Q),
+    : Q_(Q.n),
       n_(Q.n),
+      scale_(size_t(Q.n)),
+      c_(size_t(Q.n)),
+      result_(size_t(Q.n)),
       x_(size_t(Q.n)),
       dual_(size_t(Q.n)),
       z_(size_t(Q.n)),
@@ -33,7 +37,18 @@ NonnegQP::NonnegQP(const Matrix& Q)
       L_(size_t(Q.n * Q.n)) {
   free_.reserve(size_t(n_));
   order_.reserve(size_t(n_));
-  for (int64_t i = 0; i < n_; ++i) q_max_ = std::max(q_max_, Q(i, i));
+  // D_ii: the power of two nearest 1 / sqrt(Q_ii), so that D Q D has its diagonal in [1/2, 2)
+  // and the scaling itself rounds nothing (equal columns stay exactly equal, ties stay ties).
+  for (int64_t i = 0; i < n_; ++i) {
+    const double qii = Q(i, i);
+    int exponent = 0;
+    if (qii > 0 && std::isfinite(qii)) std::frexp(qii, &exponent);          // qii = m 2^exponent, m >= 1/2
+    const int half = exponent >= 0 ? exponent / 2 : -((1 - exponent) / 2);  // floor(exponent / 2)
+    scale_[size_t(i)] = qii > 0 && std::isfinite(qii) ? std::ldexp(1.0, -half) : 0.0;
+  }
+  for (int64_t i = 0; i < n_; ++i)
+    for (int64_t j = 0; j < n_; ++j) Q_(i, j) = scale_[size_t(i)] * Q(i, j) * scale_[size_t(j)];
+  for (int64_t i = 0; i < n_; ++i) q_max_ = std::max(q_max_, Q_(i, i));
 }
 
 bool NonnegQP::append(int64_t j) {
@@ -120,7 +135,7 @@ void NonnegQP::remove_at(int64_t pos) {
     double* La = &L_[size_t((pos + a) * n_)];
     const double laa = La[pos + a];
     const double xa = column_[size_t(a)];
-    const double r = std::sqrt(laa * laa + xa * xa);  // entries are O(1): Q is trace-normalised
+    const double r = std::sqrt(laa * laa + xa * xa);  // entries are O(1): diag(D Q D) is in [1/2, 2)
     const double cos = r / laa, sin = xa / laa, inv_cos = laa / r;
     La[pos + a] = r;
     inv_diag_[size_t(pos + a)] = 1 / r;
@@ -157,8 +172,10 @@ void NonnegQP::update_dual(const Vector& c) {
   }
 }
 
-const Vector& NonnegQP::solve(const Vector& c) {
-  TORCH_INTERNAL_ASSERT(int64_t(c.size()) == n_);
+const Vector& NonnegQP::solve(const Vector& unscaled_c) {
+  TORCH_INTERNAL_ASSERT(int64_t(unscaled_c.size()) == n_);
+  for (int64_t i = 0; i < n_; ++i) c_[size_t(i)] = scale_[size_t(i)] * unscaled_c[size_t(i)];
+  const Vector& c = c_;
   std::fill(x_.begin(), x_.end(), 0.0);
   std::fill(is_free_.begin(), is_free_.end(), 0);
   std::fill(skipped_.begin(), skipped_.end(), 0);
@@ -272,7 +289,35 @@ const Vector& NonnegQP::solve(const Vector& c) {
   if (!converged_)
     TORCH_WARN_ONCE("mtlgrad: the non-negative QP solver stopped after ", iterations_,
                     " iterations without meeting its tolerance (T = ", n_, ")");
-  return x_;
+  for (int64_t i = 0; i < n_; ++i) result_[size_t(i)] = scale_[size_t(i)] * x_[size_t(i)];
+  return result_;
+}
+
+Vector min_norm_weights(Matrix G) {
+  const int64_t T = G.n;
+  // The weights are scale-invariant, but the unit of G matters here: least-distance programming
+  // weighs |Jᵀy|² against (1ᵀy − 1)², and the answer |Jᵀw| is at most the smallest gradient's
+  // norm. In units of the mean squared norm, a gradient 1e-8 of the largest has its products with
+  // the others 1e-16 below the 1 1ᵀ term, under the QP's dual tests: it (and the min-norm point it
+  // makes) would be missed. In units of the smallest non-zero squared norm the answer is resolved
+  // whatever the spread (floored at 1e-200 of the largest: G stays finite).
+  double smallest = std::numeric_limits<double>::infinity(), largest = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (G(t, t) > 0) smallest = std::min(smallest, G(t, t));
+    largest = std::max(largest, G(t, t));
+  }
+  if (largest > 0 && std::isfinite(largest)) {
+    const double unit = std::max(smallest, 1e-200 * largest);
+    for (double& v : G.data) v /= unit;
+  }
+  for (double& v : G.data) v += 1.0;  // Q = G + 1 1ᵀ
+  NonnegQP qp(G);
+  Vector y = qp.solve(Vector(size_t(T), -1.0));
+  double total = 0;
+  for (double v : y) total += v;
+  // total = 1 / (1 + |min-norm point|²) in that unit, at least 1 / 2: never zero.
+  for (double& v : y) v /= total;
+  return y;
 }
 
 void add_trace_relative_ridge(Matrix& G, double reg_eps) {

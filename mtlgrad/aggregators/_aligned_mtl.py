@@ -31,6 +31,17 @@ class AlignedMTL(GramAggregator):
     16-bit gradients is accumulated in float32 within chunks, and smaller eigenvalues are noise.
     For G = 0 the update is zero.
 
+    The cut is relative, so it also drops gradients that are merely much smaller than the others:
+    a gradient ``r`` times shorter than the rest has eigenvalues ~``λ_max / r²`` and falls below
+    ``λ_max · T · ε₃₂`` past ``r ≈ (T ε₃₂)^{-1/2}``, i.e. 2048 for T = 2 and 1024 for T = 8 for
+    orthogonal gradients. Measured on random unit directions in 64 dimensions with one gradient
+    (or all but one) scaled down, 20 draws each: the cut falls at a norm ratio of 1945-2047
+    (T = 2), 1400-1662 (T = 3), 1175-1381 (T = 4) and 657-841 (T = 8). Below it, with
+    ``scale_mode="min"``, the update has the scale of the smallest gradient (``|d|`` about 1e-3
+    of the largest at a ratio of 1000); past it the small gradients' directions are gone and, with
+    one large gradient, the update is that gradient (to 1e-4 relative): a jump of three orders of
+    magnitude between two nearby ratios.
+
     The eigen-decomposition is native (Jacobi, float64, on the trace-normalised G). Linear under
     scaling, permutation invariant; not non-conflicting in general. With T = 1 the update is the
     one gradient.

@@ -47,6 +47,9 @@ class Aggregator(ABC):
     ``agg(J)`` takes a T x P matrix (any float dtype, any device) and returns the P-vector update;
     :meth:`aggregate` does the same on task-major lists of tensors (a model's per-parameter
     gradients), without concatenating them.
+
+    Neither is differentiable: inputs that require grad are detached, and the update has no
+    ``grad_fn`` (an aggregator writes ``.grad``; it is not a layer to backpropagate through).
     """
 
     def __call__(self, J: Tensor) -> Tensor:
@@ -96,8 +99,9 @@ class Aggregator(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state: its running quantities (none for stateless methods) and, for
-        randomised methods with a ``generator``, that generator's state, so a resumed run draws
-        the same numbers. Subclasses with state of their own extend this dict."""
+        randomised methods, the state of their ``generator`` (one of their own unless one was
+        passed), so a resumed run draws the same numbers. Subclasses with state of their own
+        extend this dict."""
         generator = getattr(self, "generator", None)
         return {} if generator is None else {"generator": generator.get_state()}
 
@@ -144,7 +148,8 @@ class GramAggregator(Aggregator):
 
         ``G`` may live on any device; the solver runs on the CPU in float64 (for a CUDA ``G`` this
         is one copy of T x T numbers) and the weights come back on ``G``'s device. ``losses``
-        (T task losses) reach only the methods that use them.
+        (T task losses) reach only the methods that use them. ``G`` (and ``losses``) are
+        detached: the weights are not differentiable with respect to them.
         """
         if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1]:
             raise ValueError(
@@ -349,6 +354,16 @@ def check_generator(generator: torch.Generator | None) -> torch.Generator | None
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
     return generator
+
+
+def own_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The generator of a randomised method: ``generator`` when given (checked), else a CPU
+    generator of the method's own, seeded once from torch's global RNG. So ``torch.manual_seed``
+    still reproduces a run, the method's draws neither move nor depend on the global stream (or
+    another instance's), and its state, saved by ``state_dict``, resumes a run bit-identically."""
+    if generator is not None:
+        return check_generator(generator)
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
 
 
 def draw_seed(generator: torch.Generator | None) -> int:

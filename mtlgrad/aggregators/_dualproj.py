@@ -17,9 +17,11 @@ class DualProj(GramAggregator):
     QP ``min_{v >= 0} ½ vᵀ G v + (G u)ᵀ v``, here with ``u = 1/T``; the weights are ``u + v``.
 
     The QP is solved **exactly** (to rounding) by the native active-set method shared with
-    :class:`UPGrad`, with no regulariser. ``reg_eps > 0`` adds ``reg_eps`` to the diagonal of
-    ``G / trace(G)`` before solving, as TorchJD's ``reg_eps`` (default 1e-4 there). The solution
-    is scale-free (TorchJD zeroes G below ``norm_eps`` instead).
+    :class:`UPGrad`, with no regulariser and every constraint tested relative to its own
+    gradient's norm (gradients whose norms span many decades are resolved alike). ``reg_eps > 0``
+    adds ``reg_eps`` to the diagonal of ``G / trace(G)`` before solving, as TorchJD's ``reg_eps``
+    (default 1e-4 there). The solution is scale-free (TorchJD zeroes G below ``norm_eps``
+    instead).
 
     Non-conflicting, linear under scaling, permutation invariant; the mean when it conflicts with
     no gradient; with T = 1 the update is the gradient. With ``reg_eps > 0`` only nearly

@@ -10,9 +10,9 @@ from mtlgrad import ops
 from mtlgrad.aggregators._base import (
     Aggregation,
     Aggregator,
-    check_generator,
     draw_seed,
     fill_nan,
+    own_generator,
 )
 
 
@@ -31,8 +31,9 @@ class GradDrop(Aggregator):
     batch to compute ``P``); like TorchJD, this aggregator applies it to the per-task gradients it
     is given, e.g. those of the shared parameters. It is not Gram-based: one fused native pass
     (:func:`mtlgrad.ops.graddrop`) reads the gradients and writes the update; the uniforms come
-    from a counter-based generator (Philox) keyed by a seed drawn per call from ``generator``
-    (torch's default generator when ``None``), so a seeded run reproduces whatever the thread count.
+    from a counter-based generator (Philox) keyed by a seed drawn per call from ``generator`` (by
+    default one of its own, seeded once from torch's global RNG; its state is in
+    :meth:`state_dict`), so a seeded run reproduces whatever the thread count.
     Gradients holding NaN or Inf raise :class:`~mtlgrad.ops.NonFiniteGradientError` before
     anything is written.
 
@@ -55,7 +56,7 @@ class GradDrop(Aggregator):
                 raise ValueError(f"leak values must lie in [0, 1], got {values.tolist()}")
             leak = values
         self.leak: Tensor | None = leak
-        self.generator = check_generator(generator)
+        self.generator = own_generator(generator)
 
     def aggregate(
         self,

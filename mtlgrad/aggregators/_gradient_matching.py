@@ -14,8 +14,10 @@ class GradientMatching(GramAggregator):
     Task ``main`` is the task that matters; the others are auxiliary. Their weights are the
     non-negative least-squares fit of the main gradient by the auxiliary ones,
     ``a = argmin_{a >= 0} ||g_main − Σ_{k≠main} a_k g_k||²``, solved **exactly** on the Gram
-    matrix by the native Lawson-Hanson solver (``min_{a >= 0} ½ aᵀ G_AA a − G_A,mainᵀ a``). The
-    weights are 1 for the main task and ``a_k`` for the auxiliaries: ``d = g_main + Σ_k a_k g_k``.
+    matrix by the native Lawson-Hanson solver (``min_{a >= 0} ½ aᵀ G_AA a − G_A,mainᵀ a``), which
+    tests every auxiliary relative to its own gradient's norm: one 1e-8 of the others is used
+    whenever it improves the fit. The weights are 1 for the main task and ``a_k`` for the
+    auxiliaries: ``d = g_main + Σ_k a_k g_k``.
 
     This is the matching objective **at the current parameters**. ARML itself minimises a
     divergence between the main task's likelihood and the weighted auxiliary likelihood over the

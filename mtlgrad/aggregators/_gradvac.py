@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlgrad.aggregators._base import GramAggregator, check_generator, draw_seed
+from mtlgrad.aggregators._base import GramAggregator, draw_seed, own_generator
 
 
 class GradVac(GramAggregator):
@@ -36,10 +36,11 @@ class GradVac(GramAggregator):
 
     The recursion runs natively on coefficient vectors (every ``g_i'`` is a combination of the
     original gradients), so it needs only the Gram matrix. The visiting orders are drawn per call
-    from ``generator`` (torch's default generator when ``None``). Linear under scaling; with
-    T = 1 the update is the one gradient.
+    from ``generator`` (by default one of its own, seeded once from torch's global RNG). Linear
+    under scaling; with T = 1 the update is the one gradient.
 
-    Stateful: the T x T targets (float64, CPU) are in :meth:`state_dict`. A call with another
+    Stateful: the T x T targets (float64, CPU) and the generator's state are in
+    :meth:`state_dict`. A call with another
     number of tasks than the targets' raises; call :meth:`reset` to start over.
 
     Args:
@@ -51,7 +52,7 @@ class GradVac(GramAggregator):
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta <= 1:
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
         self.beta = float(beta)
-        self.generator = check_generator(generator)
+        self.generator = own_generator(generator)
         self._targets: Tensor | None = None
 
     def _hyperparameters(self) -> dict[str, Any]:
@@ -74,8 +75,8 @@ class GradVac(GramAggregator):
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"targets": T x T float64 tensor}`` (``None`` before the first call), plus the
-        generator's state when there is a generator."""
+        """``{"targets": T x T float64 tensor (None before the first call), "generator": its
+        state}``."""
         state = super().state_dict()
         state["targets"] = None if self._targets is None else self._targets.clone()
         return state

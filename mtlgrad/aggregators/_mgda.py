@@ -18,7 +18,9 @@ class MGDA(GramAggregator):
     active-set method: by least-distance programming (Lawson & Hanson, 1974, ch. 23) the
     simplex problem is the non-negative least-squares problem ``min_{y >= 0} ||Jᵀy||² + (Σ y − 1)²``
     with ``w = y / Σ y``, solved on the Gram matrix by the same native Lawson-Hanson solver as
-    :class:`UPGrad`; also exact when the min-norm point is 0 (Pareto-stationary gradients).
+    :class:`UPGrad`; also exact when the min-norm point is 0 (Pareto-stationary gradients). The
+    problem is posed in units of the smallest squared gradient norm (the min-norm point is no
+    longer than the shortest gradient), so it is resolved whatever the spread of the norms.
 
     ``normalization`` is the official code's ``gradient_normalizers`` (an option the paper does
     not discuss): ``ĝ_t = g_t / n_t`` with ``n_t`` = 1 (``"none"``), ``||g_t||`` (``"l2"``), the

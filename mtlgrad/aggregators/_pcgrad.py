@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlgrad.aggregators._base import GramAggregator, check_generator, draw_seed
+from mtlgrad.aggregators._base import GramAggregator, draw_seed, own_generator
 
 
 class PCGrad(GramAggregator):
@@ -18,12 +18,13 @@ class PCGrad(GramAggregator):
 
     The recursion runs on coefficient vectors (every ``g_i^PC`` is a combination of the original
     gradients), so it needs only the Gram matrix. Each task's random order is drawn per call from
-    ``generator`` (torch's default generator when ``None``): a seeded generator reproduces a run.
+    ``generator``: by default one of its own, seeded once from torch's global RNG (so
+    ``torch.manual_seed`` reproduces a run), whose state is in :meth:`state_dict`.
     Linear under scaling; with T = 1 the update is the one gradient.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = check_generator(generator)
+        self.generator = own_generator(generator)
 
     def _weights(self, G: Tensor) -> Tensor:
         return torch.ops.mtlgrad.pcgrad_weights(G, draw_seed(self.generator))

@@ -16,9 +16,11 @@ class UPGrad(GramAggregator):
     paper's Proposition 1, ``π_J(Jᵀu) = Jᵀ(u + v)`` where ``v`` solves the non-negative QP
     ``min_{v >= 0} ½ vᵀ G v + (G u)ᵀ v``; the weights are ``(1/T) Σ_i (e_i + v_i)``.
 
-    Each QP is solved **exactly** (to rounding) by a native active-set method (Lawson-Hanson on
-    the trace-normalised G, warm-started from the conflicting tasks), with no regulariser: rank-
-    deficient and duplicated gradients are handled by keeping the free set's columns independent.
+    Each QP is solved **exactly** (to rounding) by a native active-set method (Lawson-Hanson,
+    warm-started from the conflicting tasks), with no regulariser: rank-deficient and duplicated
+    gradients are handled by keeping the free set's columns independent. Every task's constraint is
+    tested relative to its own gradient's norm, so a gradient 1e-8 of the largest is kept from
+    conflicting like any other.
     ``reg_eps > 0`` adds ``reg_eps`` to the diagonal of ``G / trace(G)`` before solving, exactly
     as TorchJD's ``reg_eps`` (TorchJD's default is 1e-4); it slightly shrinks the projections
     towards the plain mean. TorchJD also zeroes G when its trace is below ``norm_eps``; here the

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,10 @@ class FAMO(LossWeighting):
         with torch.no_grad():
             weighting.update(task_losses(model(x), y))   # L(t+1): updates the logits
 
+    A loss below its bound ``b`` (or not finite) raises a ``ValueError`` naming the task and the
+    value, in the call and in ``update``, before any state changes (its log would turn the
+    logits NaN for good).
+
     ``update`` owns the logits' update (they are a buffer, not a parameter: FAMO has nothing for
     the model's optimizer). The logits, the optimizer state of ``rule="adam"`` and the recorded
     losses are in ``state_dict()``. In eval mode the call only weights the losses and records
@@ -98,7 +103,8 @@ class FAMO(LossWeighting):
         self._pending = False
 
     def forward(self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor) -> Tensor:
-        _, stacked = self._stack(losses)
+        names, stacked = self._stack(losses)
+        self._check_bounds("FAMO", names, stacked)
         shifted = stacked - self.min_losses.to(stacked) + EPSILON
         z = torch.softmax(self.logits, dim=0).to(stacked)
         scaled = z / shifted.detach()
@@ -120,7 +126,8 @@ class FAMO(LossWeighting):
                 "FAMO.update: no losses were recorded since the last update; call the weighting "
                 "on the training losses (in training mode) before the model's step"
             )
-        _, stacked = task_losses(losses, self.num_tasks, "FAMO.update")
+        names, stacked = task_losses(losses, self.num_tasks, "FAMO.update")
+        self._check_bounds("FAMO.update", names, stacked)
         bounds = self.min_losses
         after = (stacked.detach().to(bounds) - bounds + EPSILON).log()
         before = (self.previous_losses.to(bounds) - bounds + EPSILON).log()
@@ -134,6 +141,22 @@ class FAMO(LossWeighting):
         else:
             self._adam_step(grad)
         self._pending = False
+
+    def _check_bounds(self, owner: str, names: list[str], stacked: Tensor) -> None:
+        """Every loss finite and at least its lower bound: FAMO takes log(L − b + ε), and a NaN
+        there would reach the logits for good. Raises (naming the task) before any change."""
+        values = stacked.detach().to(self.min_losses)
+        valid = torch.isfinite(values) & (values >= self.min_losses)
+        if bool(valid.all()):
+            return
+        i = int((~valid).nonzero()[0])
+        value, bound = float(values[i]), float(self.min_losses[i])
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: the loss of {names[i]!r} must be finite, got {value!r}")
+        raise ValueError(
+            f"{owner}: the loss of {names[i]!r} is {value!r}, below its lower bound "
+            f"min_losses[{i}] = {bound!r} (FAMO takes log(loss - bound + {EPSILON}))"
+        )
 
     def _adam_step(self, grad: Tensor) -> None:
         beta1, beta2 = ADAM_BETAS

@@ -41,7 +41,11 @@ class GradNorm(LossWeighting):
       clipping negative weights at 0 before; :meth:`renormalize` does it on demand. ``weights``
       holds the (renormalised) weights used by the last call and ``grad_norms`` the ``G_i``.
 
-    In eval mode, or with gradients disabled, the call only weights the losses. The paper's
+    A training-mode call checks that every loss is positive and finite (the rates divide by
+    ``L(0)`` and compare ``L(t) / L(0)``; a loss <= 0 would make a rate NaN and freeze that task's
+    weight): otherwise it raises a ``ValueError`` naming the task and the value, before anything
+    (weights, ``L(0)``, gradients) changes. In eval mode, or with gradients disabled, the call
+    only weights the losses. The paper's
     weights are the parameters themselves, renormalised; LibMTL instead uses
     ``T softmax(w)`` and the first epoch's average loss as ``L(0)``.
 
@@ -102,12 +106,35 @@ class GradNorm(LossWeighting):
     def forward(self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor) -> Tensor:
         names, values = task_loss_list(losses, self.num_tasks, "GradNorm")
         stacked = torch.stack([loss.reshape(()) for loss in values])
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            # Everything that can fail comes before the first change of state.
+            norms = self._task_grad_norms(names, values)
+            current = self._checked_losses(names, stacked)
         self.renormalize()
-        if self.training and torch.is_grad_enabled():
-            self._weight_gradient(names, values, stacked)
+        if training:
+            self._weight_gradient(norms, current)
         return self._weighted_sum(stacked, self.task_weights)
 
-    def _weight_gradient(self, names: list[str], values: list[Tensor], stacked: Tensor) -> None:
+    def _checked_losses(self, names: list[str], stacked: Tensor) -> Tensor:
+        """The losses as float64, checked: the training rates divide by L(0) and raise L(t) / L(0)
+        to the power α, so every loss must be positive and finite (else a task's rate is NaN and
+        its weight silently stops learning)."""
+        current = stacked.detach().to(torch.float64)
+        valid = (current > 0) & torch.isfinite(current)
+        if not bool(valid.all()):
+            index = int((~valid).nonzero()[0])
+            initial = bool(torch.isnan(self.initial_losses).any())
+            what = "initial loss" if initial else "loss"
+            why = "the method divides by it" if initial else "its training rate is L(t) / L(0)"
+            raise ValueError(
+                f"GradNorm: the {what} of {names[index]!r} must be positive and finite ({why}), "
+                f"got {float(current[index])!r}"
+            )
+        return current
+
+    def _task_grad_norms(self, names: list[str], values: list[Tensor]) -> Tensor:
+        """‖∇_W L_i‖ for every task (float64), from one pass of the native gram op."""
         # Each task's own loss, not an element of the stacked tensor: a backward from an element
         # would reach every task's graph (with zeros) through the stack.
         grads: list[Tensor] = []
@@ -128,16 +155,10 @@ class GradNorm(LossWeighting):
             ]
         names_of_params = [f"shared_params[{i}]" for i in range(len(self.shared_params))]
         gram = ops.gram(grads, self.num_tasks, names=names_of_params)  # raises on NaN / Inf
-        norms = gram.diagonal().clamp(min=0).sqrt()
+        return gram.diagonal().clamp(min=0).sqrt()
 
-        current = stacked.detach().to(torch.float64)
+    def _weight_gradient(self, norms: Tensor, current: Tensor) -> None:
         if bool(torch.isnan(self.initial_losses).any()):
-            for name, value in zip(names, current.tolist()):
-                if not 0 < value < float("inf"):
-                    raise ValueError(
-                        f"GradNorm: the initial loss of {name!r} must be positive and finite (the "
-                        f"method divides by it), got {value!r}"
-                    )
             self.initial_losses.copy_(current)
         relative = current.to(self.initial_losses.device) / self.initial_losses
         rates = relative / relative.mean()

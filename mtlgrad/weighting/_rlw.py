@@ -15,9 +15,10 @@ class RLW(LossWeighting):
 
     Every call draws fresh weights ``λ = softmax(z)`` with ``z ~ N(0, I_T)`` (the paper's
     default distribution, as in LibMTL) and returns ``Σ_t λ_t L_t``: positive weights summing
-    to 1. ``z`` is drawn in float64 on the CPU from ``generator`` (torch's default generator when
-    ``None``); the generator's state is in ``state_dict()``, so a resumed run draws the same
-    weights. Needs nothing but the losses.
+    to 1. ``z`` is drawn in float64 on the CPU from ``generator``: by default one of its own,
+    seeded once from torch's global RNG at construction (so ``torch.manual_seed`` reproduces a
+    run, and nothing else drawing from the global RNG moves it). The generator's state is in
+    ``state_dict()``, so a resumed run draws the same weights. Needs nothing but the losses.
 
     For the update of the shared parameters this is the same as
     :class:`mtlgrad.aggregators.RLW` (which weights the task gradients), at the cost of one
@@ -25,18 +26,19 @@ class RLW(LossWeighting):
 
     Args:
         num_tasks: T.
-        generator: a ``torch.Generator`` on the CPU, or ``None``.
+        generator: a ``torch.Generator`` on the CPU, or ``None`` for one of its own.
     """
 
     def __init__(self, num_tasks: int, generator: torch.Generator | None = None) -> None:
         super().__init__(num_tasks)
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(
-                    f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-                )
-            if generator.device.type != "cpu":
-                raise ValueError(f"generator must be a CPU generator, got {generator.device}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU generator, got {generator.device}")
         self.generator = generator
 
     def forward(self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor) -> Tensor:
@@ -45,15 +47,9 @@ class RLW(LossWeighting):
         return self._weighted_sum(stacked, torch.softmax(z, dim=0))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": None if self.generator is None else self.generator.get_state()}
+        return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         generator_state = state.get("generator")
-        if generator_state is None:
-            return
-        if self.generator is None:
-            raise ValueError(
-                "RLW: the state holds a generator state but this instance has no generator "
-                "(pass generator=torch.Generator())"
-            )
-        self.generator.set_state(generator_state)
+        if generator_state is not None:  # None: a state saved before the generator was kept
+            self.generator.set_state(generator_state)
