@@ -49,7 +49,7 @@ def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path
     style in every panel; the legend beside the panels), then, per gradient method, a heat map
     of the task-gradient cosines on the trunk: task pairs x evaluation steps."""
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
     T = len(tasks)
     with_cosines = [r for r in results if r.cosines]
@@ -162,6 +162,7 @@ def plot_demo(results: Sequence[MethodResult], tasks: Sequence[Task], path: Path
             ax.set_yticks(range(len(pairs)))
             ax.set_yticklabels(pair_labels if k % HEAT_COLUMNS == 0 else [])
             ax.tick_params(labelsize=FONT)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10], integer=True))
             ax.set_xlabel("step")
         bottom.colorbar(image, ax=heat_axes, shrink=0.8, label=f"cosine (scale ±{limit:.2f})")
     fig.savefig(path, dpi=100)
