@@ -69,9 +69,9 @@ def test_flags_from_a_fake_clock() -> None:
     assert _harness.flags({"": fast}, below) == [_harness.BELOW_FLOOR]
     assert _harness.BELOW_FLOOR == "below floor: noisy machine?"
     assert _harness.flags({"": noisy}, _harness.ratio(noisy.median, floor.median)) == [
-        "spread 4.0x"
+        "spread 4.00x"
     ]
-    assert _harness.flags({"agg": noisy, "floor": floor, "TorchJD": None}) == ["spread 4.0x (agg)"]
+    assert _harness.flags({"agg": noisy, "floor": floor, "TorchJD": None}) == ["spread 4.00x (agg)"]
     assert _harness.flags({"": floor}, 1.0) == []  # at the floor, 1.05x spread: fine
     assert _harness.flags({"": noisy}, limit=5.0) == []
 
@@ -101,8 +101,8 @@ def test_flags_from_a_fake_clock() -> None:
     fast_line = next(line for line in text.splitlines() if line.startswith("fast"))
     assert fast_line.split()[1:4] == ["1000.0", "1000.0", "1100.0"]
     assert fast_line.endswith("below floor: noisy machine?")
-    assert "spread 4.0x" in text
-    assert "| noisy | 3000.0 | 1000.0 | 4000.0 | spread 4.0x |" in _harness.markdown_table(table)
+    assert "spread 4.00x" in text
+    assert "| noisy | 3000.0 | 1000.0 | 4000.0 | spread 4.00x |" in _harness.markdown_table(table)
     rows = json.loads(json.dumps(table.to_json()))["rows"]
     assert rows[0]["flags"] == ["below floor: noisy machine?"]
     assert rows[1]["ms_times"] == [1000.0, 4000.0, 3000.0]  # every repetition, in ms

@@ -194,7 +194,7 @@ def flags(
         found.append(BELOW_FLOOR)
     for name, timing in timings.items():
         if timing is not None and timing.spread > limit:
-            found.append(f"spread {timing.spread:.1f}x" + (f" ({name})" if name else ""))
+            found.append(f"spread {timing.spread:.2f}x" + (f" ({name})" if name else ""))
     return found
 
 
