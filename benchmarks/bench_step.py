@@ -3,7 +3,8 @@ suite of `mtlgrad bench`, with its sizes as flags.
 
 A residual MLP trunk (4 blocks of width 1024: 8.4M shared parameters) with T linear heads, batch
 128. For T = 2, 4, 8: time per step and peak memory of the plain summed loss, of
-``mtlgrad.backward`` with each engine and aggregator, and of TorchJD (``mtl_backward`` +
+``mtlgrad.backward`` with each aggregator (``loop`` and ``batched`` engines, and ``features=z``),
+and of TorchJD (``mtl_backward`` +
 ``jac_to_grad``) and LibMTL when installed; plus the share of the step spent in the aggregation
 itself. Each configuration runs in its own process (``python -m mtlgrad.bench._step --worker``).
 
@@ -17,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from mtlgrad.bench import execute
-from mtlgrad.bench._step import ENGINES, METHODS, StepConfig
+from mtlgrad.bench._step import METHODS, VARIANTS, StepConfig
 
 
 def main() -> None:
@@ -27,13 +28,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tasks", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=METHODS)
-    parser.add_argument("--engines", nargs="+", choices=ENGINES)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help="the loop and batched engines, and features (the loop engine with features=z)",
+    )
     parser.add_argument("--repeat", type=int)
     parser.add_argument("--quick", action="store_true", help="T = 2, 4; PCGrad; 3 repetitions")
     parser.add_argument("--out", type=Path, help="also write JSON and markdown results here")
     args = parser.parse_args()
     config = StepConfig.for_size("quick" if args.quick else "full")
-    for name in ("tasks", "methods", "engines", "repeat"):
+    for name in ("tasks", "methods", "variants", "repeat"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

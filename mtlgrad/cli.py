@@ -1,4 +1,4 @@
-"""The ``mtlgrad`` command: ``mtlgrad demo`` and ``mtlgrad bench``.
+"""The ``mtlgrad`` command: ``mtlgrad demo``, ``mtlgrad bench`` and ``mtlgrad --version``.
 
 Each subcommand lives in its own module, which provides ``configure_parser(parser)`` and
 ``run(args) -> int``; this file only wires them together. Building the parser imports every
@@ -20,9 +20,39 @@ COMMANDS = {
 }
 
 
+def version_text() -> str:
+    """``mtlgrad X.Y.Z``, then the torch it runs with and what the native extension holds."""
+    import torch
+
+    import mtlgrad
+    from mtlgrad import ops
+
+    cuda = "built" if getattr(mtlgrad._C, "with_cuda", False) else "not built"
+    return (
+        f"mtlgrad {mtlgrad.__version__}\n"
+        f"torch {torch.__version__}; CUDA ops: {cuda}; CPU kernels: {ops.cpu_kernels()}"
+    )
+
+
+class _Version(argparse.Action):
+    """``--version``: prints :func:`version_text` and exits (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlgrad", description="Fast multi-task gradient combination for PyTorch."
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="print mtlgrad's version, the torch version and whether the CUDA ops were built",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

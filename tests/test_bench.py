@@ -17,25 +17,96 @@ from mtlgrad import cli
 from mtlgrad.bench import _harness, _peers
 
 
-def test_timer_warms_up_then_takes_the_median() -> None:
-    now = [0.0]
-    calls: list[int] = []
-    durations = {0: 100.0, 1: 100.0, 2: 5.0, 3: 1.0, 4: 3.0}  # two warm-ups, three timed
+class FakeClock:
+    """A clock that each call of ``fn(i)`` advances by ``durations[i]``."""
 
-    def fn(i: int) -> None:
-        calls.append(i)
-        now[0] += durations[i]
+    def __init__(self, durations: dict[int, float]) -> None:
+        self.now = 0.0
+        self.durations = durations
+        self.calls: list[int] = []
 
-    timer = _harness.Timer(torch.device("cpu"), warmup=2, repeat=3, clock=lambda: now[0])
-    assert timer.times(fn) == [5.0, 1.0, 3.0]
-    assert calls == [0, 1, 2, 3, 4]  # the index keeps counting through the warm-up
-    now[0], calls[:] = 0.0, []
-    assert timer(fn) == 3.0
-    durations.update({5: 2.0})
-    even = _harness.Timer(torch.device("cpu"), warmup=2, repeat=4, clock=lambda: now[0])
-    assert even(fn) == 2.5  # mean of the two middle values of [5, 1, 3, 2]
+    def __call__(self) -> float:
+        return self.now
+
+    def fn(self, i: int) -> None:
+        self.calls.append(i)
+        self.now += self.durations[i]
+
+
+def test_timer_warms_up_then_keeps_every_repetition() -> None:
+    clock = FakeClock({0: 100.0, 1: 100.0, 2: 5.0, 3: 1.0, 4: 3.0})  # two warm-ups, three timed
+    timer = _harness.Timer(torch.device("cpu"), warmup=2, repeat=3, clock=clock)
+    assert timer.times(clock.fn) == [5.0, 1.0, 3.0]
+    assert clock.calls == [0, 1, 2, 3, 4]  # the index keeps counting through the warm-up
+    timing = timer(clock.fn)
+    assert timing.times == (5.0, 1.0, 3.0)
+    assert (timing.min, timing.median, timing.max) == (1.0, 3.0, 5.0)
+    assert timing.spread == 5.0
+    clock.durations[5] = 2.0
+    even = _harness.Timer(torch.device("cpu"), warmup=2, repeat=4, clock=clock)
+    assert even(clock.fn).median == 2.5  # mean of the two middle values of [5, 1, 3, 2]
+    assert _harness.Timing((4.0,)).spread == 1.0
+    assert _harness.Timing((1.0, 3.0)).scaled(0.5).times == (0.5, 1.5)
     with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
         _harness.Timer(torch.device("cpu"), repeat=0)
+    with pytest.raises(ValueError, match="at least one repetition"):
+        _harness.Timing(())
+
+
+def test_flags_from_a_fake_clock() -> None:
+    # A floor of 2 s per repetition; an op that "ran" in 1 s (the machine was busy while the
+    # floor was measured): impossible, flagged. Another op whose repetitions spread 1 to 4 s.
+    timer = _harness.Timer(torch.device("cpu"), warmup=0, repeat=3)
+    timer.clock = floor_clock = FakeClock({0: 2.0, 1: 2.0, 2: 2.1})
+    floor = timer(floor_clock.fn)
+    timer.clock = fast_clock = FakeClock({0: 1.0, 1: 1.0, 2: 1.1})
+    fast = timer(fast_clock.fn)
+    timer.clock = noisy_clock = FakeClock({0: 1.0, 1: 4.0, 2: 3.0})
+    noisy = timer(noisy_clock.fn)
+
+    below = _harness.ratio(fast.median, floor.median)
+    assert below == 0.5
+    assert _harness.flags({"": fast}, below) == [_harness.BELOW_FLOOR]
+    assert _harness.BELOW_FLOOR == "below floor: noisy machine?"
+    assert _harness.flags({"": noisy}, _harness.ratio(noisy.median, floor.median)) == [
+        "spread 4.00x"
+    ]
+    assert _harness.flags({"agg": noisy, "floor": floor, "TorchJD": None}) == ["spread 4.00x (agg)"]
+    assert _harness.flags({"": floor}, 1.0) == []  # at the floor, 1.05x spread: fine
+    assert _harness.flags({"": noisy}, limit=5.0) == []
+
+    # The flags reach the printed table, the markdown and the JSON.
+    table = _harness.Table(
+        "t",
+        "a table",
+        [
+            _harness.Column("name", "name"),
+            _harness.Column("ms", "time", "ms"),
+            _harness.Column("ms_min", "min", "ms"),
+            _harness.Column("ms_max", "max", "ms"),
+            _harness.Column("flags", "flags"),
+        ],
+        rows=[
+            {
+                "name": "fast",
+                **_harness.timed("ms", fast),
+                "flags": _harness.flags({"": fast}, below),
+            },
+            {"name": "noisy", **_harness.timed("ms", noisy), "flags": _harness.flags({"": noisy})},
+            {"name": "floor", **_harness.timed("ms", floor), "flags": []},
+        ],
+    )
+    text = _harness.text_table(table)
+    assert "min (ms)" in text and "max (ms)" in text
+    fast_line = next(line for line in text.splitlines() if line.startswith("fast"))
+    assert fast_line.split()[1:4] == ["1000.0", "1000.0", "1100.0"]
+    assert fast_line.endswith("below floor: noisy machine?")
+    assert "spread 4.00x" in text
+    assert "| noisy | 3000.0 | 1000.0 | 4000.0 | spread 4.00x |" in _harness.markdown_table(table)
+    rows = json.loads(json.dumps(table.to_json()))["rows"]
+    assert rows[0]["flags"] == ["below floor: noisy machine?"]
+    assert rows[1]["ms_times"] == [1000.0, 4000.0, 3000.0]  # every repetition, in ms
+    assert _harness.flagged_rows([table]) == 2
 
 
 def test_rotation() -> None:
@@ -87,9 +158,21 @@ def check_figures(table: dict) -> None:
     assert table["rows"], f"table {table['name']} is empty"
     units = {c["key"]: c["unit"] for c in table["columns"]}
     for row in table["rows"]:
-        assert set(row) <= set(units)
+        # Beyond the columns, a timed column's fastest, slowest and every repetition (ms).
+        timed = [key for key, unit in units.items() if unit == "ms" and f"{key}_times" in row]
+        extra = {f"{key}_{part}" for key in timed for part in ("min", "max", "times")}
+        assert set(row) <= set(units) | extra, (table["name"], row)
+        for key in timed:
+            times = row[f"{key}_times"]
+            if times is None:  # not measured, or derived (the combine floor: read + write)
+                assert row[f"{key}_min"] is None and row[f"{key}_max"] is None
+                continue
+            assert times and all(math.isfinite(t) and t > 0 for t in times)
+            assert row[f"{key}_min"] == min(times) and row[f"{key}_max"] == max(times)
+            assert min(times) <= row[key] <= max(times)
+        assert isinstance(row.get("flags", []), list)
         for key, value in row.items():
-            if value is None or units[key] == "":
+            if key not in units or value is None or units[key] == "":  # text, or not measured
                 continue
             assert math.isfinite(value), (table["name"], row)
             if units[key] in ("ms", "x", "%"):
@@ -100,8 +183,11 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     monkeypatch.setitem(sys.modules, "LibMTL", None)  # LibMTL missing, whatever is installed
     monkeypatch.setitem(sys.modules, "LibMTL.weighting", None)
     assert bench(["all", "--size", "tiny", "--out", str(tmp_path)], monkeypatch) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "LibMTL: not installed" in printed
+    assert "min (ms)" in printed and "flags" in printed
+    assert "\r" not in captured.err and "run/s" not in captured.err  # no bar outside a terminal
 
     torchjd = importlib.util.find_spec("torchjd") is not None
     for suite in ("kernels", "aggregators", "step"):
@@ -147,13 +233,26 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     step = json.loads(next(tmp_path.glob("bench-step-*.json")).read_text())
     rows = {r["step"]: r for r in step["tables"][0]["rows"]}
     assert rows["summed loss"]["x_summed"] == 1.0
-    for engine in ("loop", "batched", "features"):
-        assert rows[f"mtlgrad PCGrad {engine}"]["ms"] > 0  # measured in its own process
+    for variant in ("loop", "batched", "loop, features=z"):
+        assert rows[f"mtlgrad PCGrad {variant}"]["ms"] > 0  # measured in its own process
     assert rows["mtlgrad PCGrad loop"]["aggregation_share"] > 0
     libmtl = rows["LibMTL PCGrad"]
     assert libmtl["status"] == "LibMTL not installed" and libmtl["ms"] is None
     torchjd_row = rows["TorchJD PCGrad (mtl_backward + jac_to_grad)"]
     assert (torchjd_row["ms"] is not None) is torchjd
+
+
+def test_progress_bar_only_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import mtlgrad.bench
+
+    monkeypatch.setattr(mtlgrad.bench, "_interactive", lambda: True)
+    assert bench(["kernels", "--size", "tiny", "--out", str(tmp_path)], monkeypatch) == 0
+    assert "run" in capsys.readouterr().err  # tqdm's bar, counting runs
+    monkeypatch.setattr(mtlgrad.bench, "_interactive", lambda: False)
+    assert bench(["kernels", "--size", "tiny", "--out", str(tmp_path)], monkeypatch) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_torchjd_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,6 +75,41 @@ def test_cosines_agree_with_the_record() -> None:
     assert s["weights_mean"] is None and s["losses_mean"] is None
 
 
+def test_statistics_are_the_records_own() -> None:
+    # The monitor has no cosine maths of its own: a record that defines its cosines, norms and
+    # conflicts otherwise is summarised with its own values.
+    class Defined(StepRecord):
+        @property
+        def cosines(self):
+            return t64([[1, 0.25], [0.25, 1]])
+
+        @property
+        def norms(self):
+            return t64([3, 5])
+
+        @property
+        def conflicts(self):
+            return 0.75
+
+    monitor = GradientMonitor()
+    monitor.update(Defined(["a", "b"], None, t64([[4, -2], [-2, 4]])))
+    s = monitor.summary()
+    close(s["cosines_mean"], [[1, 0.25], [0.25, 1]])
+    close(s["norms_mean"], [3, 5])
+    assert s["conflicts_mean"] == 0.75
+
+
+def test_text_colour_follows_the_cell() -> None:
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu"]
+    assert _monitor._text_color(cmap(1.0)) == "white"  # dark navy: cosine 1
+    assert _monitor._text_color(cmap(0.0)) == "white"  # dark red: cosine -1
+    assert _monitor._text_color(cmap(0.5)) == "black"  # near white: cosine 0
+    assert _monitor._text_color((1.0, 1.0, 1.0, 1.0)) == "black"
+    assert _monitor._text_color((0.0, 0.0, 0.0, 1.0)) == "white"
+
+
 def test_no_gram_yet() -> None:
     monitor = GradientMonitor()
     monitor.update(StepRecord(["a", "b"], None, None, losses=t64([1, 2])))

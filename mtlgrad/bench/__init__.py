@@ -2,12 +2,14 @@
 
     mtlgrad bench kernels|aggregators|step|all [--device cpu|cuda] [--quick] [--out DIR]
 
-One harness for all of them (``mtlgrad.bench._harness``): warm-up, repetitions, the median,
-inputs rotated over enough copies that the caches do not hold the previous repetition's data,
-and every ratio between figures of the same run (ours vs the memory floor, ours vs a peer). The
-results are printed as tables and written, with the machine's description, as JSON and markdown
-into the results folder. Peers (TorchJD, LibMTL) are compared when installed; a missing one is
-said so in its rows.
+One harness for all of them (``mtlgrad.bench._harness``): warm-up, repetitions, the median
+with the fastest and the slowest repetition, inputs rotated over enough copies that the caches do
+not hold the previous repetition's data, and every ratio between figures of the same run (ours vs
+the memory floor, ours vs a peer). Figures that a busy machine spoiled are flagged: below their
+floor, or with a wide spread between repetitions. The results are printed as tables and written,
+with the machine's description, as JSON and markdown into the results folder. Peers (TorchJD,
+LibMTL) are compared when installed; a missing one is said so in its rows. The progress bar is
+drawn only when stderr is a terminal.
 
 This module only builds the parser at import; torch, tqdm and the peers are imported when a
 benchmark runs.
@@ -130,14 +132,17 @@ def execute(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs each suite of ``suites`` (name -> its config), prints its tables and, with ``out``,
-    writes them as JSON and markdown; returns ``{name: {"tables": [...], "files": [...]}}``."""
+    writes them as JSON and markdown; returns ``{name: {"tables": [...], "files": [...]}}``.
+
+    With ``progress``, a tqdm bar counts the measurements on stderr when stderr is a terminal
+    (never in a log file or a pipe)."""
     from mtlgrad.bench import _aggregators, _harness, _kernels, _peers, _step
 
     modules = {"kernels": _kernels, "aggregators": _aggregators, "step": _step}
     unknown = sorted(set(suites) - set(modules))
     if unknown:
         raise ValueError(f"unknown benchmark suites {unknown}; choose from {list(SUITES)}")
-    tqdm = _tqdm() if progress else None
+    tqdm = _tqdm() if progress and _interactive() else None
     device = check_device(device_name)
     info = _harness.machine_info(device)
     peers = _peers.detect()
@@ -163,10 +168,25 @@ def execute(
             settings = {"size": size, **_settings(config)}
             files = list(_harness.write_results(out, name, info, peers, settings, tables))
         results[name] = {"tables": tables, "files": files}
+    flagged = _harness.flagged_rows([t for r in results.values() for t in r["tables"]])
+    if flagged:
+        print(
+            f"\n{flagged} row{'s' if flagged > 1 else ''} flagged (see 'flags'): figures below "
+            "their floor or with a wide spread between repetitions come from a busy machine; "
+            "rerun those on an idle one"
+        )
     written = [f for r in results.values() for f in r["files"]]
     if written:
         print("\nresults written to " + ", ".join(str(f) for f in written))
     return results
+
+
+def _interactive() -> bool:
+    """Whether stderr is a terminal (where a progress bar belongs)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -181,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtlgrad bench: --repeat must be at least 1, got {args.repeat}", file=sys.stderr)
         return 2
     try:
-        _tqdm()
+        if _interactive():
+            _tqdm()
         check_device(args.device)
     except (ValueError, ImportError) as error:
         print(f"mtlgrad bench: {error}", file=sys.stderr)

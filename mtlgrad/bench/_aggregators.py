@@ -16,13 +16,17 @@ from typing import Any
 import torch
 
 from mtlgrad.bench._harness import (
+    FLAGS_NOTE,
     Column,
     Rotation,
     Table,
     Timer,
+    Timing,
+    flags,
     ratio,
     rotation_copies,
     split_sizes,
+    timed,
 )
 
 
@@ -163,15 +167,21 @@ def _per_method(
             Column("T", "T"),
             Column("weights_ms", "weights(G)", "ms"),
             Column("agg_ms", "agg(J)", "ms"),
+            Column("agg_ms_min", "min", "ms"),
+            Column("agg_ms_max", "max", "ms"),
             Column("floor_ms", "floor", "ms"),
             Column("agg_over_floor", "agg/floor", "x"),
             Column("peer_ms", "TorchJD", "ms"),
             Column("peer_over_ours", "TorchJD/ours", "x"),
             Column("peer_status", "peer"),
+            Column("flags", "flags"),
         ],
         notes=[
-            "floor: the native gram + combine alone on the same J, the floor of any "
-            "Gram-based method; TorchJD: the same method's aggregator on the same J"
+            "times: medians of the repetitions; min / max: agg(J)'s fastest and slowest "
+            "(every figure's are in the JSON); floor: the native gram + combine alone on the "
+            "same J, the floor of any Gram-based method (GradDrop is elementwise: not its "
+            "floor); TorchJD: the same method's aggregator on the same J",
+            FLAGS_NOTE,
         ],
     )
     for T in config.tasks:
@@ -192,31 +202,41 @@ def _per_method(
         t_floor = timer(floor)
         for name in config.methods:
             agg = _ours(name, T)
-            t_weights = None
-            if hasattr(agg, "weights"):
+            t_weights: Timing | None = None
+            gram_based = hasattr(agg, "weights")
+            if gram_based:
                 progress(f"aggregators T={T}: {name} weights(G)")
                 t_weights = timer(lambda i, agg=agg, G=G: agg.weights(G))
             progress(f"aggregators T={T}: {name} agg(J)")
             t_agg = timer(lambda i, agg=agg, Js=Js: agg(Js[i]))
             other, status = _peer(name, T, peers, device)
-            t_peer = None
+            t_peer: Timing | None = None
             if other is not None:
                 progress(f"aggregators T={T}: TorchJD {name}")
                 t_peer = timer(lambda i, other=other, Js=Js: other(Js[i]))
+            over_floor = ratio(t_agg.median, t_floor.median)
             table.rows.append(
                 {
                     "method": name,
                     "T": T,
-                    "weights_ms": None if t_weights is None else t_weights * 1e3,
-                    "agg_ms": t_agg * 1e3,
-                    "floor_ms": t_floor * 1e3,
-                    "agg_over_floor": ratio(t_agg, t_floor),
-                    "peer_ms": None if t_peer is None else t_peer * 1e3,
-                    "peer_over_ours": ratio(t_peer, t_agg),
+                    **timed("weights_ms", t_weights),
+                    **timed("agg_ms", t_agg),
+                    **timed("floor_ms", t_floor),
+                    "agg_over_floor": over_floor,
+                    **timed("peer_ms", t_peer),
+                    "peer_over_ours": ratio(_median(t_peer), t_agg.median),
                     "peer_status": status,
+                    "flags": flags(
+                        {"weights": t_weights, "agg": t_agg, "floor": t_floor, "TorchJD": t_peer},
+                        over_floor if gram_based else None,
+                    ),
                 }
             )
     return table
+
+
+def _median(timing: Timing | None) -> float | None:
+    return None if timing is None else timing.median
 
 
 def _layout(
@@ -233,10 +253,14 @@ def _layout(
         [
             Column("method", "method"),
             Column("ours_ms", "mtlgrad", "ms"),
+            Column("ours_ms_min", "min", "ms"),
+            Column("ours_ms_max", "max", "ms"),
             Column("peer_ms", "TorchJD (cat + aggregate)", "ms"),
             Column("peer_over_ours", "TorchJD/ours", "x"),
             Column("peer_status", "peer"),
+            Column("flags", "flags"),
         ],
+        notes=["times: medians; min / max: mtlgrad's fastest and slowest repetition", FLAGS_NOTE],
     )
     sizes = split_sizes(P, K, torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(2)
@@ -251,7 +275,7 @@ def _layout(
         progress(f"layout: {name}")
         t_ours = timer(lambda i, agg=agg: agg.aggregate(grads[i], T, out))
         other, status = _peer(name, T, peers, device)
-        t_peer = None
+        t_peer: Timing | None = None
         if other is not None:
 
             def peer_step(i: int, other=other) -> None:
@@ -266,10 +290,11 @@ def _layout(
         table.rows.append(
             {
                 "method": name,
-                "ours_ms": t_ours * 1e3,
-                "peer_ms": None if t_peer is None else t_peer * 1e3,
-                "peer_over_ours": ratio(t_peer, t_ours),
+                **timed("ours_ms", t_ours),
+                **timed("peer_ms", t_peer),
+                "peer_over_ours": ratio(_median(t_peer), t_ours.median),
                 "peer_status": status,
+                "flags": flags({"mtlgrad": t_ours, "TorchJD": t_peer}),
             }
         )
     return table

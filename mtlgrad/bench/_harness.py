@@ -1,8 +1,11 @@
 """Timing, tables and result files shared by the benchmark suites.
 
-Every figure is the median of several timed repetitions after warm-up; inputs are rotated over
-enough copies that the caches do not hold the previous repetition's data; every ratio is between
-figures of the same run.
+Every figure is the median of several timed repetitions after warm-up, shown with the fastest and
+the slowest repetition; inputs are rotated over enough copies that the caches do not hold the
+previous repetition's data; every ratio is between figures of the same run. A figure that cannot
+be right is flagged where it is printed: a time below the floor measured in the same run (the
+memory cannot deliver the bytes faster), and a measurement whose slowest repetition took more
+than ``SPREAD_LIMIT`` times its fastest (another process took the machine meanwhile).
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ import torch
 # the machines we measure on, so a repetition never finds the previous one's inputs cached.
 ROTATION_BYTES = 256 << 20
 MAX_COPIES = 4
+# A measurement whose slowest repetition took more than this many times its fastest is flagged.
+SPREAD_LIMIT = 1.5
+BELOW_FLOOR = "below floor: noisy machine?"
+FLAGS_NOTE = (
+    f"flags: '{BELOW_FLOOR}' marks a figure under the floor measured in this run, which the "
+    "machine cannot deliver (another process disturbed the measurements); 'spread' marks a "
+    f"measurement whose slowest repetition took over {SPREAD_LIMIT:g}x its fastest. Rerun "
+    "flagged rows on an idle machine."
+)
 
 
 def median(values: Sequence[float]) -> float:
@@ -68,9 +80,42 @@ class Rotation:
         return self.items[i % len(self.items)]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of every timed repetition of one measurement; the median is the figure shown."""
+
+    times: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.times:
+            raise ValueError("a timing needs at least one repetition")
+
+    @property
+    def median(self) -> float:
+        return median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def spread(self) -> float:
+        """Slowest over fastest repetition (1.0 for a single one)."""
+        return self.max / self.min if self.min > 0 else math.inf
+
+    def scaled(self, factor: float) -> Timing:
+        """The same repetitions times ``factor`` (a figure derived from this one)."""
+        return Timing(tuple(t * factor for t in self.times))
+
+
 @dataclass
 class Timer:
-    """Median seconds of ``fn(i)`` over ``repeat`` timed calls after ``warmup`` untimed ones.
+    """Every repetition's seconds of ``fn(i)`` over ``repeat`` timed calls after ``warmup``
+    untimed ones, as a :class:`Timing`.
 
     ``i`` is the call's index (0, 1, ... over warm-up and timed calls alike), for a
     :class:`Rotation`. On CUDA the device is synchronised around every timed call.
@@ -105,8 +150,8 @@ class Timer:
             result.append(self.clock() - start)
         return result
 
-    def __call__(self, fn: Callable[[int], object]) -> float:
-        return median(self.times(fn))
+    def __call__(self, fn: Callable[[int], object]) -> Timing:
+        return Timing(tuple(self.times(fn)))
 
 
 def split_sizes(total: int, count: int, generator: torch.Generator) -> list[int]:
@@ -123,6 +168,34 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
+
+
+def timed(key: str, timing: Timing | None) -> dict[str, Any]:
+    """A row's cells for one timing, in ms: ``key`` (the median), ``key_min``, ``key_max``, and
+    ``key_times`` (every repetition: in the JSON only)."""
+    if timing is None:
+        return {key: None, f"{key}_min": None, f"{key}_max": None, f"{key}_times": None}
+    return {
+        key: timing.median * 1e3,
+        f"{key}_min": timing.min * 1e3,
+        f"{key}_max": timing.max * 1e3,
+        f"{key}_times": [t * 1e3 for t in timing.times],
+    }
+
+
+def flags(
+    timings: dict[str, Timing | None], floor_ratio: float | None = None, limit: float = SPREAD_LIMIT
+) -> list[str]:
+    """A row's flags: ``BELOW_FLOOR`` when ``floor_ratio`` (the row's figure over its floor,
+    measured in the same run) is under 1, and the spread of each timing over ``limit``, named by
+    its key in ``timings`` (``""``: the row's only timing)."""
+    found = []
+    if floor_ratio is not None and floor_ratio < 1:
+        found.append(BELOW_FLOOR)
+    for name, timing in timings.items():
+        if timing is not None and timing.spread > limit:
+            found.append(f"spread {timing.spread:.2f}x" + (f" ({name})" if name else ""))
+    return found
 
 
 # Tables --------------------------------------------------------------------------------------
@@ -164,6 +237,8 @@ class Table:
 def format_cell(value: Any, unit: str) -> str:
     if value is None:
         return "—"
+    if isinstance(value, list):  # flags
+        return "; ".join(map(str, value))
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if unit == "ms":
@@ -272,6 +347,11 @@ def peer_line(peers: dict[str, dict[str, Any]]) -> str:
         else:
             parts.append(f"{name}: {peer['note']}")
     return "Peers: " + "; ".join(parts)
+
+
+def flagged_rows(tables: Sequence[Table]) -> int:
+    """How many rows of ``tables`` carry a flag."""
+    return sum(1 for table in tables for row in table.rows if row.get("flags"))
 
 
 def write_results(

@@ -15,13 +15,17 @@ from typing import Any, Callable
 import torch
 
 from mtlgrad.bench._harness import (
+    FLAGS_NOTE,
     Column,
     Rotation,
     Table,
     Timer,
+    Timing,
+    flags,
     ratio,
     rotation_copies,
     split_sizes,
+    timed,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,8 +63,11 @@ COLUMNS = [
     Column("problem", "problem"),
     Column("measurement", "measurement"),
     Column("ms", "time", "ms"),
+    Column("ms_min", "min", "ms"),
+    Column("ms_max", "max", "ms"),
     Column("ratio", "ratio", "x"),
     Column("ratio_of", "ratio of"),
+    Column("flags", "flags"),
     Column("note", "note"),
 ]
 
@@ -79,8 +86,10 @@ def run(
         f"{config.tensors} tensors per task)",
         COLUMNS,
         notes=[
-            "ratio of 'floor': ours / the floor measured in this run (1.00x is the memory's "
-            "limit); ratio of 'speed-up': the baseline's time / ours",
+            "time: median of the repetitions, min / max: the fastest and the slowest; ratio of "
+            "'floor': ours / the floor measured in this run (1.00x is the memory's limit); ratio "
+            "of 'speed-up': the baseline's time / ours",
+            FLAGS_NOTE,
         ],
     )
     for dtype_name, tasks, params in config.problems():
@@ -121,46 +130,62 @@ def _problem(
     weights = torch.rand(tasks, dtype=torch.float64, generator=gen).to(device)
     w_dtype = weights.to(dtype).view(1, -1)
 
-    def measure(label: str, fn: Callable[[int], object]) -> float:
+    def measure(label: str, fn: Callable[[int], object]) -> Timing:
         progress(f"kernels {problem}: {label}")
         return timer(fn)
 
     if device.type == "cuda":
         scratch = torch.empty_like(flats[0])
-        copy_time = measure("floor", lambda i: scratch.copy_(flats[i]))
-        bandwidth = 2 * data_bytes / copy_time  # a copy reads and writes every byte
-        read_floor = data_bytes / bandwidth
-        write_floor = params * elem / bandwidth
+        copy = measure("floor", lambda i: scratch.copy_(flats[i]))
+        bandwidth = 2 * data_bytes / copy.median  # a copy reads and writes every byte
+        # Reading the bytes once, and writing P elements, at the copy's bandwidth.
+        read_floor = copy.scaled(0.5)
+        write_floor = copy.scaled(params * elem / (2 * data_bytes))
         floor_note = f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s"
     else:
         # Both ways of reading every byte once vary between processes on shared machines; the
-        # minimum is the better estimate of what the memory can deliver.
+        # faster is the better estimate of what the memory can deliver.
         t_sum = measure("floor (sum)", lambda i: flats[i].sum())
         t_self = measure("floor (1-task gram)", lambda i: ops.gram([flats[i].view(-1)], 1))
-        read_floor = min(t_sum, t_self)
+        read_floor = min(t_sum, t_self, key=lambda t: t.median)
         write_floor = measure("floor (write P)", lambda i: out_flat.fill_(1.0))
         floor_note = (
-            f"read once: {data_bytes / read_floor / 1e9:.1f} GB/s "
-            f"(sum {t_sum * 1e3:.2f} ms, 1-task gram {t_self * 1e3:.2f} ms)"
+            f"read once: {data_bytes / read_floor.median / 1e9:.1f} GB/s "
+            f"(sum {t_sum.median * 1e3:.2f} ms, 1-task gram {t_self.median * 1e3:.2f} ms)"
         )
-    combine_floor = read_floor + write_floor
+    # Two measurements added: their medians add, their repetitions do not pair up (no min/max).
+    combine_floor = read_floor.median + write_floor.median
 
-    def row(measurement: str, seconds: float, r: float | None, of: str, note: str = "") -> dict:
+    def row(
+        measurement: str,
+        timing: Timing | None,
+        r: float | None = None,
+        of: str = "",
+        note: str = "",
+        seconds: float | None = None,
+        spreads: dict[str, Timing | None] | None = None,
+    ) -> dict:
+        cells = timed("ms", timing)
+        if timing is None:
+            cells["ms"] = None if seconds is None else seconds * 1e3
         return {
             "problem": problem,
             "measurement": measurement,
-            "ms": seconds * 1e3,
+            **cells,
             "ratio": r,
             "ratio_of": of,
+            "flags": flags(
+                {"": timing} if spreads is None else spreads, r if of == "floor" else None
+            ),
             "note": note,
         }
 
     t_gram = measure("gram", lambda i: ops.gram(lists[i], tasks))
     t_mm = measure("J @ J.T", lambda i: flats[i] @ flats[i].T)
     rows = [
-        row("gram floor (read T*P once)", read_floor, None, "", floor_note),
-        row("mtlgrad.ops.gram", t_gram, ratio(t_gram, read_floor), "floor"),
-        row("J @ J.T (contiguous J)", t_mm, ratio(t_mm, t_gram), "speed-up"),
+        row("gram floor (read T*P once)", read_floor, note=floor_note),
+        row("mtlgrad.ops.gram", t_gram, ratio(t_gram.median, read_floor.median), "floor"),
+        row("J @ J.T (contiguous J)", t_mm, ratio(t_mm.median, t_gram.median), "speed-up"),
     ]
     if config.with_cat:
         per_task = len(sizes)
@@ -173,13 +198,21 @@ def _problem(
             return J @ J.T
 
         t_cat = measure("torch.cat + J @ J.T", cat_matmul)
-        rows.append(row("torch.cat + J @ J.T", t_cat, ratio(t_cat, t_gram), "speed-up"))
+        rows.append(
+            row("torch.cat + J @ J.T", t_cat, ratio(t_cat.median, t_gram.median), "speed-up")
+        )
 
     t_combine = measure("combine", lambda i: ops.combine(lists[i], tasks, weights, out))
     t_wj = measure("w @ J", lambda i: torch.matmul(w_dtype, flats[i], out=out_flat.view(1, -1)))
     rows += [
-        row("combine floor (read T*P, write P)", combine_floor, None, ""),
-        row("mtlgrad.ops.combine", t_combine, ratio(t_combine, combine_floor), "floor"),
-        row("w @ J (contiguous J)", t_wj, ratio(t_wj, t_combine), "speed-up"),
+        row(
+            "combine floor (read T*P, write P)",
+            None,
+            note="the read floor + the time to write P elements",
+            seconds=combine_floor,
+            spreads={"read": read_floor, "write": write_floor},
+        ),
+        row("mtlgrad.ops.combine", t_combine, ratio(t_combine.median, combine_floor), "floor"),
+        row("w @ J (contiguous J)", t_wj, ratio(t_wj.median, t_combine.median), "speed-up"),
     ]
     return rows

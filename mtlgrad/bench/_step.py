@@ -2,9 +2,11 @@
 
 A residual MLP trunk (by default 4 blocks of width 1024: 8.4M shared parameters) with T linear
 heads, batch 128. For each T: time per step and peak memory of the plain summed loss, of
-``mtlgrad.backward`` with each engine and aggregator, of TorchJD (``mtl_backward`` +
-``jac_to_grad``) and of LibMTL's weighting when they are installed; plus the share of the step
-spent in the aggregation itself (gram + weights + combine on the step's own task gradients).
+``mtlgrad.backward`` with each aggregator, through the ``loop`` and ``batched`` engines and with
+``features=z`` (the task gradients at the trunk's output, loop engine), of TorchJD
+(``mtl_backward`` + ``jac_to_grad``) and of LibMTL's weighting when they are installed; plus the
+share of the step spent in the aggregation itself (gram + weights + combine on the step's own
+task gradients).
 
 Every configuration runs in its own process, ``python -m mtlgrad.bench._step --worker JSON``, so
 that its peak memory (the process's peak resident set on the CPU, the allocator's peak on CUDA)
@@ -25,9 +27,12 @@ from typing import Any
 
 import torch
 
-from mtlgrad.bench._harness import Column, Table, Timer, ratio
+from mtlgrad.bench._harness import FLAGS_NOTE, Column, Table, Timer, Timing, flags, ratio, timed
 
-ENGINES = ("loop", "batched", "features")
+# How mtlgrad.backward takes the task gradients: its two engines, and the loop engine with
+# features=z (gradients at the shared representation, then one backward through the trunk).
+VARIANTS = ("loop", "batched", "features")
+VARIANT_LABELS = {"loop": "loop", "batched": "batched", "features": "loop, features=z"}
 METHODS = ("PCGrad", "MGDA", "UPGrad")
 # LibMTL's weighting classes for our methods (LibMTL's UPGrad needs arguments we do not mirror).
 LIBMTL_METHODS = {"PCGrad": "PCGrad"}
@@ -37,7 +42,7 @@ LIBMTL_METHODS = {"PCGrad": "PCGrad"}
 class StepConfig:
     tasks: list[int] = field(default_factory=lambda: [2, 4, 8])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     width: int = 1024
     depth: int = 4
     batch: int = 128
@@ -58,16 +63,16 @@ class StepConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown step methods {unknown}; choose from {list(METHODS)}")
-        unknown = sorted(set(self.engines) - set(ENGINES))
+        unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown:
-            raise ValueError(f"unknown engines {unknown}; choose from {list(ENGINES)}")
+            raise ValueError(f"unknown step variants {unknown}; choose from {list(VARIANTS)}")
 
 
 def _configurations(config: StepConfig) -> list[str]:
-    """ "summed", then "<method> <engine>", "torchjd <method>", "libmtl <method>"."""
+    """ "summed", then "<method> <variant>", "torchjd <method>", "libmtl <method>"."""
     configs = ["summed"]
     for name in config.methods:
-        configs += [f"{name} {engine}" for engine in config.engines]
+        configs += [f"{name} {variant}" for variant in config.variants]
         configs.append(f"torchjd {name}")
         if name in LIBMTL_METHODS:
             configs.append(f"libmtl {name}")
@@ -193,7 +198,7 @@ def build_step(
         import mtlgrad
 
         agg = _aggregator(kind)
-        engine = rest
+        variant = rest
 
         def step(i: int) -> None:
             x, y = batches[i % 2]
@@ -203,8 +208,8 @@ def build_step(
                 _losses(outputs, y),
                 shared_params=shared,
                 aggregator=agg,
-                engine="loop" if engine == "features" else engine,
-                features=z if engine == "features" else None,
+                engine="loop" if variant == "features" else variant,
+                features=z if variant == "features" else None,
             )
 
     def aggregation(timer: Timer) -> float:
@@ -214,7 +219,7 @@ def build_step(
         losses = _losses(model(x)[1], y)
         flat = [g for loss in losses for g in torch.autograd.grad(loss, shared, retain_graph=True)]
         agg = _aggregator(kind)
-        return timer(lambda i: agg.aggregate(flat, T))
+        return timer(lambda i: agg.aggregate(flat, T)).median
 
     return step, aggregation
 
@@ -234,21 +239,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(spec: dict[str, Any]) -> dict[str, float]:
-    """In the child process: times one configuration, reports its peak memory and, for the loop
-    engine, the aggregation alone."""
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the child process: times one configuration (every repetition's seconds), reports its
+    peak memory and, for the loop engine, the aggregation alone (median seconds)."""
     config = StepConfig(**spec["config"])
     device = torch.device(spec["device"])
     step, aggregation = build_step(config, spec["configuration"], spec["tasks"], device)
     timer = Timer(device, warmup=config.warmup, repeat=config.repeat)
-    seconds = timer(step)
+    times = list(timer(step).times)
     share = aggregation(timer)
-    return {"seconds": seconds, "peak_mib": peak_memory_mib(device), "aggregation": share}
+    return {"times": times, "peak_mib": peak_memory_mib(device), "aggregation": share}
 
 
-def measure(
-    config: StepConfig, configuration: str, T: int, device: torch.device
-) -> dict[str, float]:
+def measure(config: StepConfig, configuration: str, T: int, device: torch.device) -> dict[str, Any]:
     """Runs :func:`worker` in a fresh process (``python -m mtlgrad.bench._step --worker``)."""
     spec = {"config": asdict(config), "configuration": configuration, "tasks": T}
     spec["device"] = str(device)
@@ -266,10 +269,13 @@ COLUMNS = [
     Column("T", "T"),
     Column("step", "step"),
     Column("ms", "time", "ms"),
+    Column("ms_min", "min", "ms"),
+    Column("ms_max", "max", "ms"),
     Column("x_summed", "x summed", "x"),
     Column("extra_mib", "extra", "MiB"),
     Column("aggregation_share", "aggregation", "%"),
     Column("status", "status"),
+    Column("flags", "flags"),
 ]
 
 
@@ -288,24 +294,28 @@ def run(
         f"(device {device})",
         COLUMNS,
         notes=[
-            "each row runs in its own process; 'extra': its peak memory above the summed-loss "
-            "process's; 'aggregation': gram + weights + combine alone on the step's own task "
-            "gradients, as a share of the loop engine's step",
+            "each row runs in its own process; time: median of the repetitions, min / max: the "
+            "fastest and the slowest; 'extra': its peak memory above the summed-loss process's; "
+            "'aggregation': gram + weights + combine alone on the step's own task gradients, as "
+            "a share of the loop engine's step",
+            "the summed-loss step (one backward) is the floor of every other row: each does at "
+            "least that backward",
+            FLAGS_NOTE,
         ],
     )
     peer_of = {"torchjd": "TorchJD", "libmtl": "LibMTL"}
     for T in config.tasks:
         table.notes.append(f"T={T}: T x P fp32 = {T * P * 4 / 2**20:.0f} MiB")
-        base: dict[str, float] | None = None
+        base: dict[str, Any] | None = None  # the summed loss's measurement
         for configuration in _configurations(config):
             kind, _, rest = configuration.partition(" ")
             label = {
                 "summed": "summed loss",
                 "torchjd": f"TorchJD {rest} (mtl_backward + jac_to_grad)",
                 "libmtl": f"LibMTL {rest}",
-            }.get(kind, f"mtlgrad {kind} {rest}")
-            row: dict[str, Any] = {"T": T, "step": label, "status": ""}
-            row.update(ms=None, x_summed=None, extra_mib=None, aggregation_share=None)
+            }.get(kind, f"mtlgrad {kind} {VARIANT_LABELS.get(rest, rest)}")
+            row: dict[str, Any] = {"T": T, "step": label, "status": "", **timed("ms", None)}
+            row.update(x_summed=None, extra_mib=None, aggregation_share=None, flags=[])
             progress(f"step T={T}: {label}")
             peer = peer_of.get(kind)
             if peer is not None and not peers[peer]["installed"]:
@@ -313,14 +323,18 @@ def run(
                 table.rows.append(row)
                 continue
             r = measure(config, configuration, T, device)
+            timing = Timing(tuple(r["times"]))
             if base is None:
                 base = r
+            base_timing = Timing(tuple(base["times"]))
             share = r["aggregation"]
+            x_summed = ratio(timing.median, base_timing.median)
             row.update(
-                ms=r["seconds"] * 1e3,
-                x_summed=ratio(r["seconds"], base["seconds"]),
+                timed("ms", timing),
+                x_summed=x_summed,
                 extra_mib=r["peak_mib"] - base["peak_mib"],
-                aggregation_share=None if share != share else 100 * share / r["seconds"],
+                aggregation_share=None if share != share else 100 * share / timing.median,
+                flags=flags({"": timing}, None if r is base else x_summed),
             )
             table.rows.append(row)
     return [table]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 __all__ = ["configure_parser", "run"]
@@ -26,18 +27,27 @@ DEFAULT_METHODS = (
     *("uw", "gradnorm", "dwa", "famo"),
 )
 DEFAULT_TOY_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nashmtl", "upgrad", "imtlg")
+# Available by name (--methods), not run by default.
+BY_NAME_METHODS = ("dualproj", "alignedmtl", "config", "gradvac", "graddrop", "rlw")
+LOSS_WEIGHTINGS = ("uw", "gradnorm", "dwa", "famo")
 # (default, --quick) steps
 STEPS = {"mtl": (4000, 60), "toy": (35000, 400)}
 
-EPILOG = """\
+
+def _wrapped(items: tuple[str, ...], first: str) -> str:
+    return textwrap.fill(first + ", ".join(items) + ".", width=96, subsequent_indent="  ")
+
+
+EPILOG = f"""\
 examples:
   mtlgrad demo                                   all default methods, about a minute on 2 cores
   mtlgrad demo --methods sum,pcgrad,nash-mtl,uw  a subset (Sum, the Δm baseline, is always run)
   mtlgrad demo toy --out figures                 CAGrad's toy problem, 5 starting points
 
-methods: sum, mean, pcgrad, mgda, cagrad, upgrad, nashmtl, imtlg, uw (uncertainty weighting),
-and by name only: dualproj, alignedmtl, config, gradvac, graddrop, rlw, and the loss weightings
-gradnorm, dwa, famo. The loss weightings (uw, gradnorm, dwa, famo) are not run on the toy.
+{_wrapped(DEFAULT_METHODS, "methods run by default: ")}
+{_wrapped(BY_NAME_METHODS, "also available by name: ")}
+{_wrapped(LOSS_WEIGHTINGS, "loss weightings (uw: uncertainty weighting), not run on the toy: ")}
+{_wrapped(DEFAULT_TOY_METHODS, "methods run by default on the toy: ")}
 """
 
 
@@ -72,7 +82,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--methods",
         type=_method_list,
         default=None,
-        help="comma-separated methods to run (default: all the default ones)",
+        help="comma-separated methods to run (default: the methods run by default, below)",
     )
     parser.add_argument(
         "--steps",

@@ -183,10 +183,13 @@ def train(
             end_epoch()
         elapsed += time.perf_counter() - start
 
-        if record is not None and record.gram is not None:
+        # The record's own statistics (StepRecord.cosines / .conflicts: None without a Gram
+        # matrix).
+        step_cosines = None if record is None else record.cosines
+        if record is not None and step_cosines is not None:
             conflict_sum += record.conflicts
             conflict_count += 1
-            cosine_sum = record.cosines if cosine_sum is None else cosine_sum + record.cosines
+            cosine_sum = step_cosines if cosine_sum is None else cosine_sum + step_cosines
             cosine_count += 1
         if step in eval_at:
             _, metrics = evaluate(model, problem)

@@ -42,11 +42,12 @@ class _Running:
 class GradientMonitor:
     """Watches the task gradients through the :class:`~mtlgrad.StepRecord` of each step.
 
-    Everything comes from what the step already computed, the Gram matrix ``G = J Jᵀ`` of the
-    task gradients (``record.gram``), the weights and the losses: no extra gradient pass. Per
-    update, the record's device tensors are copied to the host in one transfer (one
-    synchronisation on CUDA, the only one the monitor adds); the statistics are then kept in
-    float64 on the CPU. Running statistics:
+    Everything comes from what the step already computed: the record's cosines, task-gradient
+    norms and share of conflicting pairs (``record.cosines``, ``record.norms``,
+    ``record.conflicts``, all read from the Gram matrix ``G = J Jᵀ`` of the task gradients), its
+    weights and its losses; no extra gradient pass. Per update, whatever the record still holds
+    on a device is copied to the host in one transfer; the statistics are kept in float64 on the
+    CPU. Running statistics:
 
     - the mean and the exponential moving average (EMA) of the T x T cosine matrix
       ``G_ij / (|g_i| |g_j|)`` (0 where a gradient is zero), of the fraction of task pairs with a
@@ -145,11 +146,10 @@ class GradientMonitor:
                 f"{self.names}; use one monitor per set of tasks"
             )
         T = len(names)
-        gram, weights, losses = _to_host([record.gram, record.weights, record.losses])
         for label, value, shape in (
-            ("gram", gram, (T, T)),
-            ("weights", weights, (T,)),
-            ("losses", losses, (T,)),
+            ("gram", record.gram, (T, T)),
+            ("weights", record.weights, (T,)),
+            ("losses", record.losses, (T,)),
         ):
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(
@@ -161,16 +161,22 @@ class GradientMonitor:
         self._next_step = step + 1
         self.steps += 1
 
-        cosines = norms = None
-        conflicts = None
+        # The cosines, the norms and the share of conflicting pairs are the record's own (one
+        # definition, in StepRecord); a skipped step's overflowed gradients are not read.
+        with_gram = record.gram is not None and not record.skipped
+        norms, cosines, weights, losses = _to_host(
+            [
+                record.norms if with_gram else None,
+                record.cosines if with_gram else None,
+                record.weights,
+                record.losses,
+            ]
+        )
+        conflicts = record.conflicts if with_gram else None
         if record.skipped:
             self.skipped += 1
         else:
-            if gram is not None:
-                norms = gram.diagonal().clamp_min(0).sqrt()
-                denominator = torch.outer(norms, norms)
-                cosines = torch.where(denominator > 0, gram / denominator, torch.zeros_like(gram))
-                conflicts = _conflict_fraction(gram)
+            if cosines is not None and norms is not None:
                 self._cosines.add(cosines)
                 self._norms.add(norms)
                 self._conflicts.add(torch.tensor(conflicts, dtype=torch.float64))
@@ -272,7 +278,9 @@ class GradientMonitor:
 
         T = len(self.names)
         curves = self.history and len(self._history_steps) >= 2 and T >= 2
-        figure = Figure(figsize=(11 if curves else 5.5, 4.5), layout="constrained")
+        # Cells large enough for their numbers (8 pt and up) whatever the number of tasks.
+        width, height = max(5.5, 0.55 * T + 1.5), max(4.5, 0.45 * T + 1.5)
+        figure = Figure(figsize=(2 * width if curves else width, height), layout="constrained")
         FigureCanvasAgg(figure)
         axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
         heat = axes[0]
@@ -280,11 +288,21 @@ class GradientMonitor:
         heat.set_xticks(range(T), labels=self.names, rotation=45, ha="right")
         heat.set_yticks(range(T), labels=self.names)
         if T <= 12:
+            size = 10 if T <= 6 else 9 if T <= 9 else 8
             for i in range(T):
                 for j in range(T):
-                    heat.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center")
+                    value = float(matrix[i, j])
+                    heat.text(
+                        j,
+                        i,
+                        f"{value + 0.0:.2f}".replace("-0.00", "0.00"),
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color=_text_color(image.cmap(image.norm(value))),
+                    )
         heat.set_title(f"{which} cosine between task gradients ({self._cosines.count} steps)")
-        figure.colorbar(image, ax=heat, shrink=0.8)
+        figure.colorbar(image, ax=heat, shrink=0.8, label="cosine (red: conflicting)")
         if curves:
             history = torch.stack(self._history_cosines)
             ax = axes[1]
@@ -331,13 +349,16 @@ def _copy(value: Tensor | None) -> Tensor | None:
     return None if value is None else value.clone()
 
 
-def _conflict_fraction(gram: Tensor) -> float:
-    """Fraction of task pairs (i < j) with a negative inner product (0 for one task)."""
-    T = gram.shape[0]
-    if T < 2:
-        return 0.0
-    i, j = torch.triu_indices(T, T, offset=1)
-    return float((gram[i, j] < 0).double().mean())
+def _text_color(rgba: tuple[float, ...]) -> str:
+    """White on a dark cell, black on a light one: the text colour of higher contrast against
+    the cell's relative luminance (WCAG 2; both contrasts are equal at 0.179)."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "white" if luminance < 0.179 else "black"
 
 
 def _to_host(tensors: list[Tensor | None]) -> list[Tensor | None]:
