@@ -438,11 +438,11 @@ class _Phase:
             return
         if not calls:
             return
-        for position, block, finite in contribution(
+        for position, block in contribution(
             layer.module, layer.handler, [c.data for c in calls], params, self.T
         ):
             self.gram += block
-            bad = ~finite | ~torch.isfinite(block.diagonal())
+            bad = ~torch.isfinite(block.diagonal())
             self.first_bad = torch.where(bad, self.first_bad.clamp(max=position), self.first_bad)
         for c in calls:
             c.data.grads = []

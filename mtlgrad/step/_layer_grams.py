@@ -47,7 +47,8 @@ class LayerCall:
 
 
 # A handler: (module, calls, params to include as {name: position}, T) -> list of
-# (position, T x T float64 contribution, T bool "task's gradient is finite").
+# (position, T x T float64 contribution). A NaN or Inf in a task's gradient reaches its diagonal
+# entry (0 * Inf and 0 * NaN are NaN), which is how the engine finds it.
 Handler = Callable[[nn.Module, Sequence[LayerCall], dict, int], list]
 
 
@@ -56,8 +57,9 @@ def _float(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _finite_rows(D: Tensor) -> Tensor:
-    return torch.isfinite(D.reshape(D.shape[0], -1)).all(dim=1)
+def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat``, without the copy when a module was called once (the usual case)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _gram64(M: Tensor) -> Tensor:
@@ -82,7 +84,8 @@ def _rows_gram(X: Tensor, D: Tensor, force: str | None = None) -> Tensor:
     if way == "ghost":
         A = X @ X.T
         M = torch.matmul(A, D)  # T x R x out
-        return torch.einsum("iro,jro->ij", D, M).to(torch.float64)
+        # One product with a long inner dimension; einsum would copy both operands first.
+        return (D.reshape(T, -1) @ M.reshape(T, -1).T).to(torch.float64)
     grads = torch.matmul(D.transpose(1, 2), X)  # T x out x in
     return _gram64(grads)
 
@@ -95,11 +98,10 @@ def _weight_and_bias(
     X: Tensor, D: Tensor, params: dict, weight_name: str = "weight", bias_name: str = "bias"
 ) -> list:
     result = []
-    finite = _finite_rows(D)
     if weight_name in params:
-        result.append((params[weight_name], _rows_gram(X, D, FORCE_WAY[0]), finite))
+        result.append((params[weight_name], _rows_gram(X, D, FORCE_WAY[0])))
     if bias_name in params:
-        result.append((params[bias_name], _gram64(D.sum(dim=1)), finite))
+        result.append((params[bias_name], _gram64(D.sum(dim=1))))
     return result
 
 
@@ -107,8 +109,8 @@ def _weight_and_bias(
 
 
 def _linear(module: nn.Linear, calls: Sequence[LayerCall], params: dict, T: int) -> list:
-    X = torch.cat([_float(c.saved["input"]).reshape(-1, module.in_features) for c in calls])
-    D = torch.cat([_float(c.grads[0]).reshape(T, -1, module.out_features) for c in calls], dim=1)
+    X = _cat([_float(c.saved["input"]).reshape(-1, module.in_features) for c in calls])
+    D = _cat([_float(c.grads[0]).reshape(T, -1, module.out_features) for c in calls], dim=1)
     return _weight_and_bias(X, D, params)
 
 
@@ -140,8 +142,8 @@ def _conv_rows(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _conv(module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int) -> list:
-    X = torch.cat([_conv_rows(module, _float(c.saved["input"])) for c in calls])
-    D = torch.cat(
+    X = _cat([_conv_rows(module, _float(c.saved["input"])) for c in calls])
+    D = _cat(
         [
             _float(c.grads[0])
             .reshape(T, c.grads[0].shape[1], module.out_channels, -1)
@@ -160,9 +162,8 @@ def _conv(module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int) -
 def _embedding(module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T: int) -> list:
     if "weight" not in params:
         return []
-    index = torch.cat([c.saved["input"].reshape(-1) for c in calls])
-    D = torch.cat([_float(c.grads[0]).reshape(T, -1, module.embedding_dim) for c in calls], 1)
-    finite = _finite_rows(D)
+    index = _cat([c.saved["input"].reshape(-1) for c in calls])
+    D = _cat([_float(c.grads[0]).reshape(T, -1, module.embedding_dim) for c in calls], 1)
     if module.padding_idx is not None:
         keep = index != module.padding_idx
         index, D = index[keep], D[:, keep]
@@ -170,19 +171,18 @@ def _embedding(module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T
     summed = D.new_zeros(T, rows.numel(), module.embedding_dim).index_add_(1, inverse, D)
     if module.scale_grad_by_freq:
         summed = summed / counts.to(summed.dtype).unsqueeze(-1)
-    return [(params["weight"], _gram64(summed), finite)]
+    return [(params["weight"], _gram64(summed))]
 
 
 # ---- norm layers ---------------------------------------------------------------------------------
 
 
 def _affine(normalised: Tensor, D: Tensor, reduce_dims: tuple[int, ...], params: dict) -> list:
-    finite = _finite_rows(D)
     result = []
     if "weight" in params:
-        result.append((params["weight"], _gram64((D * normalised).sum(dim=reduce_dims)), finite))
+        result.append((params["weight"], _gram64((D * normalised).sum(dim=reduce_dims))))
     if "bias" in params:
-        result.append((params["bias"], _gram64(D.sum(dim=reduce_dims)), finite))
+        result.append((params["bias"], _gram64(D.sum(dim=reduce_dims))))
     return result
 
 
@@ -198,8 +198,8 @@ def _layer_norm(module: nn.LayerNorm, calls: Sequence[LayerCall], params: dict, 
         )
         D = _float(c.grads[0]).reshape(T, -1, *module.normalized_shape)
         parts.append((normalised, D))
-    normalised = torch.cat([p[0] for p in parts])
-    D = torch.cat([p[1] for p in parts], dim=1)
+    normalised = _cat([p[0] for p in parts])
+    D = _cat([p[1] for p in parts], dim=1)
     return _affine(normalised.unsqueeze(0), D, (1,), params)
 
 
@@ -216,8 +216,8 @@ def _group_norm(module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, 
         parts.append(
             (normalised.transpose(0, 1).reshape(C, -1), D.transpose(1, 2).reshape(T, C, -1))
         )
-    normalised = torch.cat([p[0] for p in parts], dim=1)
-    D = torch.cat([p[1] for p in parts], dim=2)
+    normalised = _cat([p[0] for p in parts], dim=1)
+    D = _cat([p[1] for p in parts], dim=2)
     return _affine(normalised.unsqueeze(0), D, (2,), params)
 
 
@@ -236,8 +236,8 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T:
         normalised = (channels - mean) / torch.sqrt(var + module.eps)
         D = _float(c.grads[0]).reshape(T, x.shape[0], C, -1).transpose(1, 2).reshape(T, C, -1)
         parts.append((normalised, D))
-    normalised = torch.cat([p[0] for p in parts], dim=1)
-    D = torch.cat([p[1] for p in parts], dim=2)
+    normalised = _cat([p[0] for p in parts], dim=1)
+    D = _cat([p[1] for p in parts], dim=2)
     return _affine(normalised.unsqueeze(0), D, (2,), params)
 
 
@@ -318,7 +318,7 @@ def handler_for(module: nn.Module) -> LayerHandler:
 def contribution(
     module: nn.Module, handler: LayerHandler, calls: Sequence[LayerCall], params: dict, T: int
 ) -> list:
-    """``[(position, T x T float64, T finite flags)]`` for the parameters in ``params``
+    """``[(position, T x T float64)]`` for the parameters in ``params``
     (``{name: position}``) from this module's calls, by its direct handler."""
     assert handler.contribution is not None
     return handler.contribution(module, calls, params, T)
