@@ -13,7 +13,8 @@ tokens, a convolution's unfolded patches) take the cheaper of two exact ways:
 
 - **ghost** (Goodfellow 2015's trick for per-example norms, here for task pairs): with the
   R x R input Gram ``A = X Xᵀ``, ``<δ_iᵀX, δ_jᵀX> = <δ_i, A δ_j>``; cost about
-  ``R²·in + T·R²·out + T²·R·out`` multiply-adds, memory ``R² + T·R·out``;
+  ``R²·in + T·R²·out + T²·R·out`` multiply-adds, memory ``R² + T·R·out / 4`` (a quarter
+  of the tasks at a time);
 - **materialise**: the T gradients ``δ_tᵀ X`` (``T·R·in·out``) and their Gram with the native
   ``gram`` op (``T²·in·out / 2``), memory ``T·in·out`` (one layer's, then dropped).
 
@@ -83,9 +84,16 @@ def _rows_gram(X: Tensor, D: Tensor, force: str | None = None) -> Tensor:
     way = force or ("ghost" if ghost <= materialise else "materialise")
     if way == "ghost":
         A = X @ X.T
-        M = torch.matmul(A, D)  # T x R x out
-        # One product with a long inner dimension; einsum would copy both operands first.
-        return (D.reshape(T, -1) @ M.reshape(T, -1).T).to(torch.float64)
+        flat = D.reshape(T, -1)
+        G = D.new_empty(T, T)
+        # A δ_j for a quarter of the tasks at a time (the layer's output gradients are the
+        # largest thing the ghost way holds: a quarter more of them, not a second copy), each
+        # block of columns one product with a long inner dimension.
+        chunk = -(-T // 4)
+        for j in range(0, T, chunk):
+            M = torch.matmul(A, D[j : j + chunk])
+            G[:, j : j + chunk] = flat @ M.reshape(M.shape[0], -1).T
+        return G.to(torch.float64)
     grads = torch.matmul(D.transpose(1, 2), X)  # T x out x in
     return _gram64(grads)
 
@@ -141,19 +149,63 @@ def _conv_rows(module: nn.Module, x: Tensor) -> Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def _conv_gradients(module: nn.Module, x: Tensor, D: Tensor) -> Tensor:
+    """The T per-task weight gradients of one call (T x out x in x k...): the convolution's own
+    weight backward, once per task (torch's kernel; no unfolded copy of the input)."""
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0,) * len(module.kernel_size)
+    weight = module.weight.detach().to(x.dtype)
+    grads = x.new_empty(D.shape[0], *weight.shape)
+    for t in range(D.shape[0]):
+        grads[t] = torch.ops.aten.convolution_backward(
+            D[t],
+            x,
+            weight,
+            None,
+            list(module.stride),
+            list(padding),
+            list(module.dilation),
+            False,
+            [0] * len(module.kernel_size),
+            1,
+            [False, True, False],
+        )[1]
+    return grads
+
+
 def _conv(module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int) -> list:
-    X = _cat([_conv_rows(module, _float(c.saved["input"])) for c in calls])
-    D = _cat(
-        [
-            _float(c.grads[0])
-            .reshape(T, c.grads[0].shape[1], module.out_channels, -1)
-            .transpose(2, 3)
-            .reshape(T, -1, module.out_channels)
-            for c in calls
-        ],
-        dim=1,
-    )
-    return _weight_and_bias(X, D, params)
+    inputs = [_float(c.saved["input"]) for c in calls]
+    grads = [_float(c.grads[0]) for c in calls]
+    result = []
+    if "weight" in params:
+        rows = sum(g[0].numel() // module.out_channels for g in grads)
+        fan_in = module.weight[0].numel()
+        ghost, materialise = weight_row_costs(rows, fan_in, module.out_channels, T)
+        way = FORCE_WAY[0] or ("ghost" if ghost <= materialise else "materialise")
+        if way == "ghost":
+            X = _cat([_conv_rows(module, x) for x in inputs])
+            D = _cat(
+                [
+                    g.reshape(T, g.shape[1], module.out_channels, -1)
+                    .transpose(2, 3)
+                    .reshape(T, -1, module.out_channels)
+                    for g in grads
+                ],
+                dim=1,
+            )
+            block = _rows_gram(X, D, "ghost")
+        else:
+            summed = _conv_gradients(module, inputs[0], grads[0])
+            for x, g in zip(inputs[1:], grads[1:]):
+                summed += _conv_gradients(module, x, g)
+            block = _gram64(summed)
+        result.append((params["weight"], block))
+    if "bias" in params:
+        bias = sum(g.reshape(T, g.shape[1], module.out_channels, -1).sum(dim=(1, 3)) for g in grads)
+        result.append((params["bias"], _gram64(bias)))
+    return result
 
 
 # ---- Embedding ---------------------------------------------------------------------------------
@@ -222,23 +274,28 @@ def _group_norm(module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, 
 
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T: int) -> list:
-    parts = []
+    weight, bias = [], []
     for c in calls:
         x = _float(c.saved["input"])
-        C = x.shape[1]
-        channels = x.transpose(0, 1).reshape(C, -1)
+        B, C = x.shape[:2]
+        x = x.reshape(B, C, -1)
         if c.saved["batch_stats"]:
-            mean = channels.mean(dim=1, keepdim=True)
-            var = channels.var(dim=1, unbiased=False, keepdim=True)
+            mean = x.mean(dim=(0, 2), keepdim=True)
+            var = x.var(dim=(0, 2), unbiased=False, keepdim=True)
         else:
-            mean = _float(c.saved["running_mean"]).unsqueeze(1)
-            var = _float(c.saved["running_var"]).unsqueeze(1)
-        normalised = (channels - mean) / torch.sqrt(var + module.eps)
-        D = _float(c.grads[0]).reshape(T, x.shape[0], C, -1).transpose(1, 2).reshape(T, C, -1)
-        parts.append((normalised, D))
-    normalised = _cat([p[0] for p in parts], dim=1)
-    D = _cat([p[1] for p in parts], dim=2)
-    return _affine(normalised.unsqueeze(0), D, (2,), params)
+            mean = _float(c.saved["running_mean"]).reshape(1, C, 1)
+            var = _float(c.saved["running_var"]).reshape(1, C, 1)
+        D = _float(c.grads[0]).reshape(T, B, C, -1)
+        if "weight" in params:
+            weight.append((D * ((x - mean) / torch.sqrt(var + module.eps))).sum(dim=(1, 3)))
+        if "bias" in params:
+            bias.append(D.sum(dim=(1, 3)))
+    result = []
+    if weight:
+        result.append((params["weight"], _gram64(sum(weight))))
+    if bias:
+        result.append((params["bias"], _gram64(sum(bias))))
+    return result
 
 
 # ---- any other module: its T gradients from autograd ---------------------------------------------
