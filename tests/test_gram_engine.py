@@ -12,6 +12,7 @@ import mtlgrad
 from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
 from mtlgrad.optim import MTLOptimizer
 from mtlgrad.step import _layer_grams
+from mtlgrad.step._differentiate import partition
 
 DTYPE = torch.float64
 
@@ -174,6 +175,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:User
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gram_and_grad_equal_the_loop_engine(name: str) -> None:
     assert_same_step(name, UPGrad)
+
+
+def test_the_anchor_is_no_ones_parameter() -> None:
+    """The engine's anchor is a leaf of the graph: the step's walk must not take it for a head
+    (it would backpropagate through the whole trunk a second time to fill its .grad)."""
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    losses = losses_of(model, inputs("mlp"))
+    parts = partition(losses, shared=shared_of(model))
+    assert all(not getattr(h, "_mtlgrad_gram_anchor", False) for hs in parts.heads for h in hs)
+    mtlgrad.backward(losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=engine)
+    assert engine._anchors and all(a.grad is None for a in engine._anchors.values())
 
 
 @pytest.mark.parametrize("cls", gram_aggregator_classes(), ids=lambda c: c.__name__)

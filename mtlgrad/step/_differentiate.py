@@ -171,6 +171,8 @@ def _leaf_reach(
         direct = 0 if node in stops else reach_direct.get(node, 0)
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         if variable is not None:
+            if getattr(variable, "_mtlgrad_gram_anchor", False):
+                continue  # a GramEngine's anchor: no one's parameter
             leaves.append(variable)
             masks_all.append(every)
             masks_direct.append(direct)

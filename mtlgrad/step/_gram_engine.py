@@ -144,7 +144,9 @@ class GramEngine:
 
     def anchor(self, device: torch.device) -> Tensor:
         if device not in self._anchors:
-            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+            anchor = torch.zeros((), device=device, requires_grad=True)
+            anchor._mtlgrad_gram_anchor = True  # type: ignore[attr-defined]  # the walks skip it
+            self._anchors[device] = anchor
         return self._anchors[device]
 
     # ---- the step -------------------------------------------------------------------------------
