@@ -6,10 +6,14 @@ A residual MLP trunk (4 blocks of width 1024: 8.4M shared parameters) with T lin
 ``mtlgrad.backward`` with each aggregator (``loop`` and ``batched`` engines, and ``features=z``),
 and of TorchJD (``mtl_backward`` +
 ``jac_to_grad``) and LibMTL when installed; plus the share of the step spent in the aggregation
-itself. Each configuration runs in its own process (``python -m mtlgrad.bench._step --worker``).
+itself. Then the engines table: UPGrad through the Gram engine, the loop engine and TorchJD's
+autogram and autojac on an MLP (T = 4, 8), a CNN and a transformer trunk (T = 8). Each
+configuration runs in its own process (``python -m mtlgrad.bench._step --worker``, or
+``mtlgrad.bench._engines``).
 
-    python benchmarks/bench_step.py             # T = 2, 4, 8; PCGrad, MGDA, UPGrad
-    python benchmarks/bench_step.py --quick     # T = 2, 4; PCGrad only; fewer repetitions
+    python benchmarks/bench_step.py             # T = 2, 4, 8; PCGrad, MGDA, UPGrad; all cases
+    python benchmarks/bench_step.py --quick     # T = 2, 4; PCGrad only; fewer repetitions; mlp:4
+    python benchmarks/bench_step.py --methods UPGrad --tasks 8 --engine-cases mlp:8 cnn:16
 """
 
 from __future__ import annotations
@@ -34,12 +38,21 @@ def main() -> None:
         choices=VARIANTS,
         help="the loop and batched engines, and features (the loop engine with features=z)",
     )
+    parser.add_argument(
+        "--engine-cases",
+        nargs="+",
+        metavar="TRUNK:T",
+        help="rows of the engines table: mlp, cnn or transformer, and the task count (mlp:8)",
+    )
+    parser.add_argument(
+        "--engine-rounds", type=int, help="interleaved rounds of each engine case (default 3)"
+    )
     parser.add_argument("--repeat", type=int)
     parser.add_argument("--quick", action="store_true", help="T = 2, 4; PCGrad; 3 repetitions")
     parser.add_argument("--out", type=Path, help="also write JSON and markdown results here")
     args = parser.parse_args()
     config = StepConfig.for_size("quick" if args.quick else "full")
-    for name in ("tasks", "methods", "variants", "repeat"):
+    for name in ("tasks", "methods", "variants", "engine_cases", "engine_rounds", "repeat"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

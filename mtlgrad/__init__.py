@@ -20,12 +20,13 @@ from mtlgrad import (  # noqa: E402  (they need the extension loaded first)
     weighting,
 )
 from mtlgrad.ops import GramOverflowError, NonFiniteGradientError, combine, gram  # noqa: E402
-from mtlgrad.step import StepRecord, backward  # noqa: E402
+from mtlgrad.step import GramEngine, StepRecord, backward  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GramOverflowError",
+    "GramEngine",
     "NonFiniteGradientError",
     "StepRecord",
     "aggregators",

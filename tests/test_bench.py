@@ -241,6 +241,26 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     torchjd_row = rows["TorchJD PCGrad (mtl_backward + jac_to_grad)"]
     assert (torchjd_row["ms"] is not None) is torchjd
 
+    engines = step["tables"][1]
+    assert engines["name"] == "engines"
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in engines["rows"]:
+        by_case.setdefault(row["case"], {})[row["engine"]] = row
+    assert sorted(by_case) == ["cnn", "mlp", "transformer"]
+    for case, rows in by_case.items():
+        assert rows["summed loss"]["x_summed"] == 1.0 and rows["summed loss"]["extra_mib"] == 0
+        gram, loop = rows["mtlgrad GramEngine"], rows["mtlgrad loop engine"]
+        assert gram["ms"] > 0 and loop["x_loop"] == 1.0, case
+        assert gram["x_loop"] == pytest.approx(gram["ms"] / loop["ms"])
+        assert gram["extra_tp"] is not None, case
+        for peer in ("TorchJD autogram", "TorchJD autojac"):
+            assert (rows[peer]["ms"] is not None) is torchjd, (case, peer)
+            if not torchjd:
+                assert rows[peer]["status"] == "TorchJD not installed"
+        if torchjd:
+            assert rows["TorchJD autogram"]["x_autogram"] == 1.0
+            assert gram["x_autogram"] == pytest.approx(gram["ms"] / rows["TorchJD autogram"]["ms"])
+
 
 def test_progress_bar_only_on_a_terminal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
@@ -300,3 +320,29 @@ def test_a_peer_that_cannot_be_imported_is_told_apart_from_a_missing_one(monkeyp
     note = _peers.detect()["LibMTL"]["note"]
     assert note.startswith("installed but cannot be imported (ModuleNotFoundError:"), note
     assert "torchvision.models.utils" in note
+
+
+def test_engine_cases_are_checked() -> None:
+    from mtlgrad.bench._step import StepConfig
+
+    with pytest.raises(ValueError, match="'gpt:8'.*among \\['mlp', 'cnn', 'transformer'\\]"):
+        StepConfig(engine_cases=["gpt:8"]).validate()
+    with pytest.raises(ValueError, match="'mlp'"):
+        StepConfig(engine_cases=["mlp"]).validate()
+    with pytest.raises(ValueError, match="engine_size"):
+        StepConfig(engine_size="huge").validate()
+
+
+def test_step_peak_counts_what_the_step_holds_not_what_came_before() -> None:
+    from mtlgrad.bench._step import step_peak_mib
+
+    kept = torch.ones(32 << 18)  # 32 MiB in use before the step: not the step's
+    cpu = torch.device("cpu")
+
+    def holds_64_mib(i: int) -> None:
+        x = torch.ones(64 << 18)
+        del x
+
+    assert 60 < step_peak_mib(cpu, holds_64_mib) < 80
+    assert step_peak_mib(cpu, lambda i: None) < 8
+    assert kept.sum() > 0

@@ -379,3 +379,35 @@ def test_graddrop_deterministic_and_nonfinite_leaves_out_untouched() -> None:
     with pytest.raises(ops.NonFiniteGradientError):
         ops.graddrop(grads, 3, seed=7, out=out)
     assert all((o == 5.0).all() for o in out)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_gram_engine_on_cuda_equals_the_loop_engine(name: str) -> None:
+    """G on the device, one transfer to the host, then one backward: the same G and .grad as
+    the loop engine on the same device, in float64."""
+    import test_gram_engine as cases
+
+    from mtlgrad.aggregators import UPGrad
+
+    results = []
+    for engine_name in ("loop", "gram"):
+        model = cases.build(name).cuda()
+        engine = mtlgrad.GramEngine(model) if engine_name == "gram" else "loop"
+        x = cases.inputs(name).cuda()
+        outputs = model(x)
+        y = torch.randn(
+            outputs[0].shape[0], len(outputs), generator=cases.gen(1), dtype=torch.float64
+        ).cuda()
+        losses = [((o - y[:, t]) ** 2).mean() * (t + 1) for t, o in enumerate(outputs)]
+        record = mtlgrad.backward(
+            losses, shared_params=cases.shared_of(model), aggregator=UPGrad(), engine=engine
+        )
+        results.append((record, [p.grad for p in model.parameters()]))
+    (loop, loop_grads), (gram, gram_grads) = results
+    scale = float(loop.gram.abs().max())
+    torch.testing.assert_close(gram.gram, loop.gram, rtol=0, atol=1e-10 * scale)
+    for a, b in zip(gram_grads, loop_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.device.type == "cuda"
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

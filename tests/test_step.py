@@ -124,12 +124,25 @@ def test_a_1d_tensor_of_losses() -> None:
     mtlgrad.backward(task_losses(b(x)[1], y), shared_params=b.trunk.parameters(), aggregator=MGDA())
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-    with pytest.raises(ValueError, match="1-D tensor of T losses"):
-        mtlgrad.backward(
-            torch.zeros(2, 2, requires_grad=True),
-            shared_params=a.trunk.parameters(),
-            aggregator=Sum(),
-        )
+    with pytest.raises(ValueError, match="got a scalar tensor"):
+        scalar = torch.zeros((), requires_grad=True)
+        mtlgrad.backward(scalar, shared_params=a.trunk.parameters(), aggregator=Sum())
+
+
+def test_a_2d_tensor_of_losses_makes_each_entry_a_task() -> None:
+    a, b = TwoHeadNet(), TwoHeadNet()
+    b.load_state_dict(a.state_dict())
+    x, y = batch(4)
+    grid = torch.stack(task_losses(a(x)[1], y)[:2]).reshape(1, 2).expand(2, 2) * torch.tensor(
+        [[1.0, 2.0], [3.0, 4.0]]
+    )
+    record = mtlgrad.backward(grid, shared_params=a.trunk.parameters(), aggregator=Sum())
+    assert record.names == ["losses[0, 0]", "losses[0, 1]", "losses[1, 0]", "losses[1, 1]"]
+    flat = list(torch.stack(task_losses(b(x)[1], y)[:2]).reshape(1, 2).expand(2, 2).reshape(-1))
+    flat = [loss * k for loss, k in zip(flat, (1.0, 2.0, 3.0, 4.0))]
+    mtlgrad.backward(flat, shared_params=b.trunk.parameters(), aggregator=Sum())
+    for p, q in zip(a.trunk.parameters(), b.trunk.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.parametrize(

@@ -200,7 +200,7 @@ def flags(
 
 # Tables --------------------------------------------------------------------------------------
 
-UNITS = ("", "ms", "x", "MiB", "%")
+UNITS = ("", "ms", "x", "MiB", "%", "ratio")  # "ratio": a signed quotient (memory over T·P)
 
 
 @dataclass
@@ -249,6 +249,8 @@ def format_cell(value: Any, unit: str) -> str:
         return f"{value:.0f}"
     if unit == "%":
         return f"{value:.1f}%"
+    if unit == "ratio":
+        return f"{value:.2f}"
     return str(value)
 
 

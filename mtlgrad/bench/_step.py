@@ -1,16 +1,17 @@
-"""Training-step benchmark on a shared-trunk model, all figures measured in one run.
+"""Training-step benchmark on shared-trunk models, all figures measured in one run.
 
-A residual MLP trunk (by default 4 blocks of width 1024: 8.4M shared parameters) with T linear
-heads, batch 128. For each T: time per step and peak memory of the plain summed loss, of
-``mtlgrad.backward`` with each aggregator, through the ``loop`` and ``batched`` engines and with
-``features=z`` (the task gradients at the trunk's output, loop engine), of TorchJD
-(``mtl_backward`` + ``jac_to_grad``) and of LibMTL's weighting when they are installed; plus the
-share of the step spent in the aggregation itself (gram + weights + combine on the step's own
-task gradients).
+Two tables. The first: a residual MLP trunk (by default 4 blocks of width 1024: 8.4M shared
+parameters) with T linear heads, batch 128. For each T: time per step and peak memory of the
+plain summed loss, of ``mtlgrad.backward`` with each aggregator, through the ``loop`` and
+``batched`` engines and with ``features=z`` (the task gradients at the trunk's output, loop
+engine), of TorchJD (``mtl_backward`` + ``jac_to_grad``) and of LibMTL's weighting when they are
+installed; plus the share of the step spent in the aggregation itself (gram + weights + combine
+on the step's own task gradients). The second (:mod:`mtlgrad.bench._engines`): the Gram engine
+beside the loop engine and TorchJD's autogram and autojac on an MLP, a CNN and a transformer.
 
-Every configuration runs in its own process, ``python -m mtlgrad.bench._step --worker JSON``, so
-that its peak memory (the process's peak resident set on the CPU, the allocator's peak on CUDA)
-is its own.
+Every row runs in its own process, ``python -m mtlgrad.bench._step --worker JSON`` (or
+``mtlgrad.bench._engines``); its memory figure is the peak of one more step above the memory in
+use before that step (:func:`step_peak_mib`), so that imports and caches do not count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mtlgrad.bench import _engines as engines
 from mtlgrad.bench._harness import FLAGS_NOTE, Column, Table, Timer, Timing, flags, ratio, timed
 
 # How mtlgrad.backward takes the task gradients: its two engines, and the loop engine with
@@ -48,14 +50,32 @@ class StepConfig:
     batch: int = 128
     warmup: int = 1
     repeat: int = 5
+    # The engines table (mtlgrad.bench._engines): "<trunk>:<T>" cases, at the trunks' "full"
+    # sizes or "tiny" ones.
+    engine_cases: list[str] = field(
+        default_factory=lambda: ["mlp:4", "mlp:8", "cnn:8", "transformer:8"]
+    )
+    engine_size: str = "full"
+    engine_rounds: int = 3  # interleaved rounds of each case's rows
 
     @classmethod
     def for_size(cls, size: str) -> StepConfig:
         if size == "quick":
-            return cls(tasks=[2, 4], methods=["PCGrad"], repeat=3)
+            return cls(
+                tasks=[2, 4], methods=["PCGrad"], repeat=3, engine_cases=["mlp:4"], engine_rounds=1
+            )
         if size == "tiny":
             return cls(
-                tasks=[2], methods=["PCGrad"], width=32, depth=1, batch=8, warmup=1, repeat=1
+                tasks=[2],
+                methods=["PCGrad"],
+                width=32,
+                depth=1,
+                batch=8,
+                warmup=1,
+                repeat=1,
+                engine_cases=["mlp:2", "cnn:2", "transformer:2"],
+                engine_size="tiny",
+                engine_rounds=1,
             )
         return cls()
 
@@ -66,6 +86,14 @@ class StepConfig:
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown:
             raise ValueError(f"unknown step variants {unknown}; choose from {list(VARIANTS)}")
+        for case in self.engine_cases:
+            engines.parse_case(case)
+        if self.engine_rounds < 1:
+            raise ValueError(f"engine_rounds must be at least 1, got {self.engine_rounds}")
+        if self.engine_size not in engines.SIZES:
+            raise ValueError(
+                f"engine_size must be one of {list(engines.SIZES)}, got {self.engine_size!r}"
+            )
 
 
 def _configurations(config: StepConfig) -> list[str]:
@@ -81,7 +109,8 @@ def _configurations(config: StepConfig) -> list[str]:
 
 def count(config: StepConfig, device: torch.device) -> int:
     """Configurations of :func:`run` (for the progress bar)."""
-    return len(config.tasks) * len(_configurations(config))
+    per_case = len(engines.ENGINES) * config.engine_rounds
+    return len(config.tasks) * len(_configurations(config)) + len(config.engine_cases) * per_case
 
 
 # The model and one step, in the worker process ---------------------------------------------------
@@ -224,16 +253,58 @@ def build_step(
     return step, aggregation
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this process: resident set (VmHWM) on the CPU, allocator peak on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _resident_mib(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB, None where unknown."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def _follow_live_memory() -> bool:
+    """Makes the resident set follow the live tensors and restarts its peak (glibc and Linux):
+    every allocation of 64 KiB or more gets its own mapping, returned on free (by default glibc
+    raises that threshold as blocks are freed and keeps them cached, so the peak would count what
+    the allocator keeps), free heap memory goes back to the system, and ``/proc/self/clear_refs``
+    restarts VmHWM. False where that cannot be done."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(-3, 64 << 10) != 1:  # M_MMAP_THRESHOLD
+            return False
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def step_peak_mib(device: torch.device, step: Callable[[int], None]) -> float:
+    """The peak memory of one call of ``step`` above the memory in use just before it: on CUDA
+    from the allocator's statistics, on the CPU from the resident set made to follow the live
+    tensors (:func:`_follow_live_memory`). Where the CPU figures cannot be had, the process's
+    whole peak resident set (imports and caches included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(0)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if _follow_live_memory():
+        before = _resident_mib("VmRSS")
+        step(0)
+        peak = _resident_mib("VmHWM")
+        if before is not None and peak is not None:
+            return peak - before
+    step(0)
+    peak = _resident_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # not on Windows; the figure is the same peak in KiB on Linux
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -248,19 +319,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     timer = Timer(device, warmup=config.warmup, repeat=config.repeat)
     times = list(timer(step).times)
     share = aggregation(timer)
-    return {"times": times, "peak_mib": peak_memory_mib(device), "aggregation": share}
+    return {"times": times, "peak_mib": step_peak_mib(device, step), "aggregation": share}
 
 
-def measure(config: StepConfig, configuration: str, T: int, device: torch.device) -> dict[str, Any]:
-    """Runs :func:`worker` in a fresh process (``python -m mtlgrad.bench._step --worker``)."""
-    spec = {"config": asdict(config), "configuration": configuration, "tasks": T}
-    spec["device"] = str(device)
-    command = [sys.executable, "-m", "mtlgrad.bench._step", "--worker", json.dumps(spec)]
+def measure(module: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs ``module``'s worker on ``spec`` in a fresh process (``python -m module --worker``)."""
+    command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode != 0:
         raise RuntimeError(
-            f"the step benchmark of {configuration!r} at T={T} failed (exit code "
-            f"{result.returncode}):\n{result.stderr.strip()[-3000:]}"
+            f"the step benchmark's row {spec} failed (exit code {result.returncode}):\n"
+            f"{result.stderr.strip()[-3000:]}"
         )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -295,7 +364,8 @@ def run(
         COLUMNS,
         notes=[
             "each row runs in its own process; time: median of the repetitions, min / max: the "
-            "fastest and the slowest; 'extra': its peak memory above the summed-loss process's; "
+            "fastest and the slowest; 'extra': the peak memory of one step above the memory in use "
+            "before it, minus the summed-loss step's; "
             "'aggregation': gram + weights + combine alone on the step's own task gradients, as "
             "a share of the loop engine's step",
             "the summed-loss step (one backward) is the floor of every other row: each does at "
@@ -322,7 +392,8 @@ def run(
                 row["status"] = f"{peer} not installed"
                 table.rows.append(row)
                 continue
-            r = measure(config, configuration, T, device)
+            spec = {"config": asdict(config), "configuration": configuration, "tasks": T}
+            r = measure("mtlgrad.bench._step", {**spec, "device": str(device)})
             timing = Timing(tuple(r["times"]))
             if base is None:
                 base = r
@@ -337,7 +408,18 @@ def run(
                 flags=flags({"": timing}, None if r is base else x_summed),
             )
             table.rows.append(row)
-    return [table]
+    engines_table = engines.run(
+        config.engine_cases,
+        config.engine_size,
+        config.warmup,
+        config.repeat,
+        config.engine_rounds,
+        device,
+        peers,
+        progress,
+        measure,
+    )
+    return [table, engines_table]
 
 
 def main(argv: list[str] | None = None) -> int:

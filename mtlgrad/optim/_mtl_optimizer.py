@@ -9,8 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mtlgrad.aggregators import Aggregator
-from mtlgrad.step import ENGINES, StepRecord, backward
+from mtlgrad.aggregators import Aggregator, GramAggregator
+from mtlgrad.step import ENGINES, GramEngine, StepRecord, backward
 from mtlgrad.step._checks import named_losses
 from mtlgrad.step._differentiate import partition
 
@@ -52,7 +52,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         shared_params: the shared parameters. By default, every parameter of the optimizer that
             more than one task's loss depends on, found in the autograd graph at each step (one
             walk of the graph for all tasks).
-        engine: ``"loop"`` or ``"batched"`` (see :func:`mtlgrad.backward`).
+        engine: ``"loop"``, ``"batched"`` (see :func:`mtlgrad.backward`), a
+            :class:`~mtlgrad.GramEngine`, or ``"gram"`` with ``model=``: the optimizer then
+            builds the GramEngine on the model (its hooks are in place from the first forward).
         model: a :class:`~mtlgrad.nn.MultiTaskModule`: its ``shared_parameters()`` and
             ``task_parameters(name)`` are the partition (instead of ``shared_params``).
         scaler: a ``torch.amp.GradScaler`` (see :func:`mtlgrad.backward`).
@@ -66,7 +68,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         aggregator: Aggregator,
         shared_params: Iterable[Tensor] | None = None,
-        engine: str = "loop",
+        engine: str | GramEngine = "loop",
         *,
         model: torch.nn.Module | None = None,
         scaler: torch.amp.GradScaler | None = None,
@@ -84,9 +86,22 @@ class MTLOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"aggregator must be an mtlgrad Aggregator, got {type(aggregator).__name__}"
             )
-        if engine not in ENGINES:
+        if engine == "gram":
+            if model is None:
+                raise ValueError(
+                    "MTLOptimizer: engine='gram' needs model= (the modules to hook before the "
+                    "first forward), or pass engine=mtlgrad.GramEngine(your_modules)"
+                )
+            engine = GramEngine(model)
+        elif not isinstance(engine, GramEngine) and engine not in ENGINES:
             raise ValueError(
-                f"engine must be one of {', '.join(map(repr, ENGINES))}; got {engine!r}"
+                f"engine must be one of {', '.join(map(repr, ENGINES))}, 'gram' or a GramEngine; "
+                f"got {engine!r}"
+            )
+        if isinstance(engine, GramEngine) and not isinstance(aggregator, GramAggregator):
+            raise TypeError(
+                f"the gram engine computes the Gram matrix only, and {type(aggregator).__name__} "
+                "is not Gram-based: use engine='loop' or engine='batched'"
             )
         if model is not None:
             if not isinstance(model, MultiTaskModule):

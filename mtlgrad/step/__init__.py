@@ -12,6 +12,7 @@
 """
 
 from mtlgrad.step._backward import ENGINES, backward
+from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._record import StepRecord
 
-__all__ = ["ENGINES", "StepRecord", "backward"]
+__all__ = ["ENGINES", "GramEngine", "StepRecord", "backward"]

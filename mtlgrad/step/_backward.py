@@ -20,8 +20,9 @@ from mtlgrad.step._checks import (
     task_parameters,
 )
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
+from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._record import StepRecord
-from mtlgrad.step._write import aggregate, warn_shared_reached_by_one_task, write
+from mtlgrad.step._write import warn_shared_reached_by_one_task
 
 __all__ = ["ENGINES", "backward"]
 
@@ -32,7 +33,7 @@ def backward(
     shared_params: Iterable[Tensor],
     aggregator: Aggregator,
     features: Tensor | Sequence[Tensor] | None = None,
-    engine: str = "loop",
+    engine: str | GramEngine = "loop",
     scaler: torch.amp.GradScaler | None = None,
     task_params: Sequence[Iterable[Tensor]] | None = None,
     scale_task_params: bool = False,
@@ -43,7 +44,8 @@ def backward(
 
     Args:
         losses: one scalar loss per task: a sequence, a dict (its keys name the tasks in errors
-            and in the record) or a 1-D tensor of T losses.
+            and in the record) or a 1-D tensor of T losses; a tensor of any other shape makes
+            each entry a loss (per-sample losses, or samples x tasks: an m x m Gram matrix).
         shared_params: the parameters shared by the tasks (the trunk). Their per-task gradients
             are combined by ``aggregator`` with the native ``gram`` and ``combine`` ops. Frozen
             parameters (``requires_grad=False``) are skipped, as ``torch.optim`` does. May be
@@ -56,7 +58,10 @@ def backward(
             backward through the trunk with the combined gradient fills the shared parameters'
             ``.grad``. Much cheaper for large trunks; exact for Gram-based methods when the
             trunk's Jacobian is the identity, an approximation otherwise (as in the MGDA-UB paper).
-        engine: ``"loop"`` (one backward per task) or ``"batched"`` (one vmapped backward).
+        engine: ``"loop"`` (one backward per task), ``"batched"`` (one vmapped backward), or a
+            :class:`~mtlgrad.GramEngine` (G layer by layer from activations, then one backward
+            of the weighted losses: no per-task gradients of the parameters; Gram-based
+            aggregators only).
         scaler: a ``torch.amp.GradScaler``. The losses are scaled, the aggregation sees the
             unscaled gradients, ``.grad`` receives scaled ones (``scaler.step`` unscales them),
             and an overflow in any task writes NaN into the shared ``.grad`` so that
@@ -84,7 +89,7 @@ def backward(
     names, values = named_losses(losses)
     shared = shared_parameters(shared_params)
     feature_list = feature_tensors(features, shared)
-    check_engine(engine, aggregator)
+    check_engine(engine, aggregator, features)
     if task_params is None:
         parts = partition(values, shared=shared, features=feature_list or ())
         warn_shared_reached_by_one_task(parts, names)
@@ -95,25 +100,29 @@ def backward(
     scaled = values if scale is None else [scaler.scale(v) for v in values]  # type: ignore[union-attr]
     level = shared if feature_list is None else feature_list
 
-    # 1. Differentiate: per-task gradients of the shared level and of each task's parameters.
-    grads = differentiate(
-        names,
-        scaled,
-        level,
-        heads,
-        engine=engine,
-        retain_graph=retain_graph or feature_list is not None,
-        batch_size=batch_size,
-    )
+    # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
+    #    (the gram engine: G itself, layer by layer).
+    if isinstance(engine, GramEngine):
+        grads = engine.differentiate(names, scaled, shared, heads, retain_graph=retain_graph)
+    else:
+        grads = differentiate(
+            names,
+            scaled,
+            level,
+            heads,
+            engine=engine,
+            retain_graph=retain_graph or feature_list is not None,
+            batch_size=batch_size,
+        )
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
     losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
-    aggregation = aggregate(
-        aggregator, grads, level, shared if feature_list is None else None, losses64, scale
+    aggregation = grads.aggregate(
+        aggregator, level, shared if feature_list is None else None, losses64, scale
     )
-    # 3. Write: for the features, one backward through the trunk; the heads get their own
-    #    task's gradient.
-    write(grads, aggregation, shared, feature_list, scale_task_params, retain_graph)
+    # 3. Write: the heads get their own task's gradient; for the features (and the gram
+    #    engine), one backward through the trunk.
+    grads.write(aggregation, shared, feature_list, scale_task_params, retain_graph)
     losses_record = aggregation.losses if aggregation.losses is not None else losses64
     return StepRecord(
         names, aggregation.weights, aggregation.gram, aggregation.skipped, losses_record

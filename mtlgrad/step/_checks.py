@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -25,13 +27,20 @@ def named_losses(
     if isinstance(losses, Mapping):
         names, values = [str(k) for k in losses], list(losses.values())
     elif isinstance(losses, Tensor):
-        if losses.dim() != 1:
+        if losses.dim() == 0:
             raise ValueError(
-                "mtlgrad.backward: losses must be a sequence or dict of scalar tensors, or a 1-D "
-                f"tensor of T losses; got a tensor of shape {list(losses.shape)}"
+                "mtlgrad.backward: losses must be a sequence or dict of scalar tensors, or a "
+                "tensor of T losses (1-D), or of any shape (each entry a loss: per-sample "
+                "losses); got a scalar tensor"
             )
-        values = list(losses.unbind(0))
-        names = [f"task {i}" for i in range(len(values))]
+        values = list(losses.reshape(-1).unbind(0))
+        if losses.dim() == 1:
+            names = [f"task {i}" for i in range(len(values))]
+        else:
+            names = [
+                "losses[" + ", ".join(map(str, index)) + "]"
+                for index in itertools.product(*(range(n) for n in losses.shape))
+            ]
     else:
         values = list(losses)
         names = [f"task {i}" for i in range(len(values))]
@@ -102,12 +111,35 @@ def feature_tensors(
     return feature_list
 
 
-def check_engine(engine: str, aggregator: Aggregator) -> None:
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}; got {engine!r}")
+def check_engine(engine: Any, aggregator: Aggregator, features: Any) -> None:
+    from mtlgrad.aggregators import GramAggregator
+    from mtlgrad.step._gram_engine import GramEngine
+
     if not isinstance(aggregator, Aggregator):
         raise TypeError(
             f"aggregator must be an mtlgrad Aggregator, got {type(aggregator).__name__}"
+        )
+    if isinstance(engine, GramEngine):
+        if not isinstance(aggregator, GramAggregator):
+            raise TypeError(
+                f"the gram engine computes the Gram matrix only, and {type(aggregator).__name__} "
+                "is not Gram-based: use engine='loop' or engine='batched'"
+            )
+        if features is not None:
+            raise ValueError(
+                "features= and the gram engine do not combine: the gram engine already avoids "
+                "the per-task gradients of the parameters; pass one or the other"
+            )
+        return
+    if engine == "gram":
+        raise ValueError(
+            "engine='gram' needs the shared modules hooked before the forward: build "
+            "engine = mtlgrad.GramEngine(model) once and pass engine=engine "
+            "(MTLOptimizer(..., model=model, engine='gram') does this for you)"
+        )
+    if engine not in ENGINES:
+        raise ValueError(
+            f"engine must be one of {', '.join(map(repr, ENGINES))} or a GramEngine; got {engine!r}"
         )
 
 

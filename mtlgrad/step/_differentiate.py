@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,6 +89,32 @@ class TaskGradients:
                 flat.append(torch.zeros_like(inputs[k]) if g is None else g)
         return flat
 
+    def aggregate(
+        self,
+        aggregator: Any,
+        level: Sequence[Tensor],
+        shared: Sequence[Tensor] | None,
+        losses: Tensor,
+        scale: float | None,
+    ) -> Any:
+        """Stage 2: the aggregator on these gradients (see :mod:`mtlgrad.step._write`)."""
+        from mtlgrad.step._write import aggregate
+
+        return aggregate(aggregator, self, level, shared, losses, scale)
+
+    def write(
+        self,
+        aggregation: Any,
+        shared: Sequence[Tensor],
+        features: Sequence[Tensor] | None,
+        scale_task_params: bool,
+        retain_graph: bool,
+    ) -> None:
+        """Stage 3: the heads' and the shared parameters' ``.grad``."""
+        from mtlgrad.step._write import write
+
+        write(self, aggregation, shared, features, scale_task_params, retain_graph)
+
     def unreached_tasks(self) -> list[int]:
         """Tasks whose loss reaches none of the reached inputs (their shared gradient is 0)."""
         if not self.reached:
@@ -144,6 +171,8 @@ def _leaf_reach(
         direct = 0 if node in stops else reach_direct.get(node, 0)
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         if variable is not None:
+            if getattr(variable, "_mtlgrad_gram_anchor", False):
+                continue  # a GramEngine's anchor: no one's parameter
             leaves.append(variable)
             masks_all.append(every)
             masks_direct.append(direct)

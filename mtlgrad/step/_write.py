@@ -12,7 +12,7 @@ from mtlgrad.aggregators import Aggregation, Aggregator
 from mtlgrad.ops import NonFiniteGradientError
 from mtlgrad.step._differentiate import Partition, TaskGradients
 
-__all__ = ["aggregate", "warn_shared_reached_by_one_task", "write"]
+__all__ = ["accumulate_grad", "aggregate", "warn_shared_reached_by_one_task", "write"]
 
 
 def warn_shared_reached_by_one_task(parts: Partition, names: Sequence[str]) -> None:
@@ -118,14 +118,14 @@ def write(
     coefficients = None if weights is None else weights.tolist()
     for t, pairs in enumerate(grads.heads()):
         for p, g in pairs:
-            _accumulate(p, g if coefficients is None else g * coefficients[t])
+            accumulate_grad(p, g if coefficients is None else g * coefficients[t])
     if features is None:
         for k, d in zip(grads.reached, aggregation.out):
             if shared[k].grad is None:
                 shared[k].grad = d
     elif aggregation.skipped:
         for p in shared:
-            _accumulate(p, torch.full_like(p, float("nan")))
+            accumulate_grad(p, torch.full_like(p, float("nan")))
     elif grads.reached:
         torch.autograd.backward(
             [features[k] for k in grads.reached],
@@ -135,7 +135,7 @@ def write(
         )
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
     """``.grad`` semantics of PyTorch: set when absent, accumulate when present."""
     if param.grad is None:
         param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)

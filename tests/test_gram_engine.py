@@ -1,0 +1,472 @@
+"""The gram engine: G layer by layer against the loop engine's G, the written .grad, both
+per-layer ways, reused modules, free parameters, per-sample losses, AMP, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from training_helpers import gram_aggregator_classes, make_aggregator
+
+import mtlgrad
+from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
+from mtlgrad.optim import MTLOptimizer
+from mtlgrad.step import _layer_grams
+from mtlgrad.step._differentiate import partition
+
+DTYPE = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class MLP(nn.Module):
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh()
+        )
+        self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+class CNN(nn.Module):
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1, padding_mode="reflect"),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1, bias=False),
+            nn.Flatten(),
+        )
+        self.conv1d = nn.Conv1d(8, 4, 3, padding=2, dilation=2)
+        self.heads = nn.ModuleList(nn.Linear(4 * 16, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        z = self.trunk(x).reshape(x.shape[0], 8, 16)
+        z = self.conv1d(z).flatten(1)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+class TransformerBlock(nn.Module):
+    """Embedding, attention (a module with parameters of its own and a Linear child: the generic
+    path), LayerNorm, MLP."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16, padding_idx=0)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(tasks))
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        a, _ = self.attention(h, h, h, need_weights=False)
+        h = self.norm(h + a)
+        h = h + self.mlp(h)
+        z = h.mean(dim=1)
+        return [head(z).squeeze(-1) for head in self.heads]
+
+
+class Reused(nn.Module):
+    """One Linear applied twice (recurrence) and a parameter used functionally."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.cell = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        h = torch.tanh(self.cell(x))
+        h = torch.tanh(self.cell(h)) * self.scale
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+class Tied(nn.Module):
+    """A weight shared by two modules, and a module's parameter also used outside it."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(8, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        h = self.c(h) + h @ self.c.weight  # c.weight inside c and outside it
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+def inputs(name: str, seed: int = 0):
+    g = gen(seed)
+    if name == "cnn":
+        return torch.randn(4, 3, 8, 8, generator=g, dtype=DTYPE)
+    if name == "transformer":
+        tokens = torch.randint(0, 20, (4, 5), generator=g)
+        tokens[0, -1] = 0  # a padding token
+        return tokens
+    if name == "reused" or name == "tied":
+        return torch.randn(10, 8, generator=g, dtype=DTYPE)
+    return torch.randn(12, 6, generator=g, dtype=DTYPE)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "transformer": TransformerBlock, "reused": Reused, "tied": Tied}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name]().to(DTYPE)
+
+
+def shared_of(model: nn.Module) -> list[nn.Parameter]:
+    heads = {id(p) for p in model.heads.parameters()}
+    return [p for p in model.parameters() if id(p) not in heads]
+
+
+def losses_of(model: nn.Module, x, seed: int = 1) -> list[torch.Tensor]:
+    outputs = model(x)
+    y = torch.randn(outputs[0].shape[0], len(outputs), generator=gen(seed), dtype=DTYPE)
+    return [((o - y[:, t]) ** 2).mean() * (t + 1) for t, o in enumerate(outputs)]
+
+
+def step(name: str, aggregator, engine, seed: int = 0, **kwargs):
+    model = build(name, seed)
+    if engine == "gram":
+        engine = mtlgrad.GramEngine(model)
+    x = inputs(name, seed)
+    record = mtlgrad.backward(
+        losses_of(model, x),
+        shared_params=shared_of(model),
+        aggregator=aggregator,
+        engine=engine,
+        **kwargs,
+    )
+    return model, record
+
+
+def assert_same_step(name: str, make_aggregator_, **kwargs) -> None:
+    reference, expected = step(name, make_aggregator_(), "loop", **kwargs)
+    model, record = step(name, make_aggregator_(), "gram", **kwargs)
+    scale = float(expected.gram.abs().max())
+    torch.testing.assert_close(record.gram, expected.gram, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(record.weights, expected.weights, rtol=1e-8, atol=1e-10)
+    for (n, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=n)
+
+
+# vmap has no batching rule for CPU flash attention's backward: torch warns of a slower fallback.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gram_and_grad_equal_the_loop_engine(name: str) -> None:
+    assert_same_step(name, UPGrad)
+
+
+def test_the_anchor_is_no_ones_parameter() -> None:
+    """The engine's anchor is a leaf of the graph: the step's walk must not take it for a head
+    (it would backpropagate through the whole trunk a second time to fill its .grad)."""
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    losses = losses_of(model, inputs("mlp"))
+    parts = partition(losses, shared=shared_of(model))
+    assert all(not getattr(h, "_mtlgrad_gram_anchor", False) for hs in parts.heads for h in hs)
+    mtlgrad.backward(losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=engine)
+    assert engine._anchors and all(a.grad is None for a in engine._anchors.values())
+
+
+@pytest.mark.parametrize("cls", gram_aggregator_classes(), ids=lambda c: c.__name__)
+def test_every_gram_aggregator_writes_the_loop_engines_grad(cls) -> None:
+    assert_same_step("mlp", lambda: make_aggregator(cls, seed=3))
+
+
+@pytest.mark.parametrize("way", ["ghost", "materialise"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "reused"])
+def test_both_ways_per_layer_are_exact(monkeypatch, name: str, way: str) -> None:
+    monkeypatch.setattr(_layer_grams, "FORCE_WAY", [way])
+    assert_same_step(name, MGDA)
+
+
+def test_both_ways_agree_on_one_layer() -> None:
+    g = gen(5)
+    X = torch.randn(7, 5, generator=g, dtype=DTYPE)
+    D = torch.randn(4, 7, 3, generator=g, dtype=DTYPE)
+    ghost = _layer_grams._rows_gram(X, D, "ghost")
+    materialised = _layer_grams._rows_gram(X, D, "materialise")
+    grads = torch.stack([D[t].T @ X for t in range(4)]).reshape(4, -1)
+    torch.testing.assert_close(ghost, grads @ grads.T)
+    torch.testing.assert_close(materialised, grads @ grads.T)
+
+
+def test_the_cost_model_picks_the_cheaper_way() -> None:
+    # Few rows, a wide layer: ghost; many rows, a narrow layer: materialise.
+    ghost, materialise = _layer_grams.weight_row_costs(rows=64, fan_in=1024, fan_out=1024, tasks=8)
+    assert ghost < materialise
+    ghost, materialise = _layer_grams.weight_row_costs(rows=4096, fan_in=16, fan_out=16, tasks=8)
+    assert ghost > materialise
+
+
+def test_frozen_layers_are_skipped() -> None:
+    def make(name, seed=0):
+        model = build("mlp")
+        model.trunk[0].requires_grad_(False)
+        return model
+
+    reference, model = make("mlp"), make("mlp")
+    x = inputs("mlp")
+    expected = mtlgrad.backward(
+        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
+    )
+    record = mtlgrad.backward(
+        losses_of(model, x),
+        shared_params=shared_of(model),
+        aggregator=UPGrad(),
+        engine=mtlgrad.GramEngine(model),
+    )
+    torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
+    assert model.trunk[0].weight.grad is None
+    for p, q in zip(reference.parameters(), model.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_per_sample_losses_give_the_per_sample_gram() -> None:
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    x = inputs("mlp")
+    y = torch.randn(12, generator=gen(2), dtype=DTYPE)
+    per_sample = (model(x)[0] - y) ** 2  # 12 losses, one per sample
+    record = mtlgrad.backward(
+        per_sample, shared_params=model.trunk.parameters(), aggregator=Sum(), engine=engine
+    )
+    reference = build("mlp")
+    shared = list(reference.trunk.parameters())
+    rows = []
+    per_sample_ref = (reference(x)[0] - y) ** 2
+    for i in range(12):
+        grads = torch.autograd.grad(per_sample_ref[i], shared, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    J = torch.stack(rows)
+    torch.testing.assert_close(record.gram, J @ J.T, rtol=1e-10, atol=1e-12)
+    expected = J.sum(0)
+    got = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    torch.testing.assert_close(got, expected)
+
+
+def test_samples_by_tasks_losses() -> None:
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    x = inputs("mlp")
+    outputs = torch.stack(model(x), dim=1)  # 12 x 3
+    losses = outputs**2
+    record = mtlgrad.backward(
+        losses, shared_params=model.trunk.parameters(), aggregator=UPGrad(), engine=engine
+    )
+    assert record.gram.shape == (36, 36)
+    assert record.names[:2] == ["losses[0, 0]", "losses[0, 1]"]
+
+
+def test_vmap_failure_falls_back_to_one_backward_per_task() -> None:
+    class NoVmap(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float(grad.sum().item() != 0.5) * 2
+
+    class Model(MLP):
+        def forward(self, x):
+            z = NoVmap.apply(self.trunk(x))
+            return [h(z).squeeze(-1) for h in self.heads]
+
+    torch.manual_seed(0)
+    reference, model = Model().to(DTYPE), Model().to(DTYPE)
+    model.load_state_dict(reference.state_dict())
+    x = inputs("mlp")
+    expected = mtlgrad.backward(
+        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
+    )
+    record = mtlgrad.backward(
+        losses_of(model, x),
+        shared_params=shared_of(model),
+        aggregator=UPGrad(),
+        engine=mtlgrad.GramEngine(model),
+    )
+    torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_gradient_accumulation_and_heads() -> None:
+    reference, model = build("mlp"), build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    for micro in range(2):
+        x = inputs("mlp", seed=10 + micro)
+        mtlgrad.backward(
+            losses_of(reference, x, seed=micro),
+            shared_params=shared_of(reference),
+            aggregator=MGDA(),
+        )
+        mtlgrad.backward(
+            losses_of(model, x, seed=micro),
+            shared_params=shared_of(model),
+            aggregator=MGDA(),
+            engine=engine,
+        )
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_heads_scaled_on_request() -> None:
+    assert_same_step("mlp", MGDA, scale_task_params=True)
+
+
+def test_grad_scaler() -> None:
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = inputs("mlp")
+    record = mtlgrad.backward(
+        losses_of(model, x),
+        shared_params=shared_of(model),
+        aggregator=MGDA(),
+        engine=engine,
+        scaler=scaler,
+    )
+    reference, expected = step("mlp", MGDA(), "loop")
+    torch.testing.assert_close(record.gram, expected.gram)
+    for p, q in zip(shared_of(reference), shared_of(model)):
+        torch.testing.assert_close(q.grad, p.grad * 2.0**8)
+    # An overflow skips the step.
+    overflowing = build("mlp")
+    engine = mtlgrad.GramEngine(overflowing)
+    losses = losses_of(overflowing, x)
+    losses[1] = losses[1] * 1e305
+    record = mtlgrad.backward(
+        losses,
+        shared_params=shared_of(overflowing),
+        aggregator=MGDA(),
+        engine=engine,
+        scaler=scaler,
+    )
+    assert record.skipped
+    assert all(torch.isnan(p.grad).all() for p in shared_of(overflowing))
+
+
+def test_a_nonfinite_gradient_names_its_task_and_parameter_and_writes_nothing() -> None:
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    outputs = model(inputs("mlp"))
+    losses = {
+        "depth": outputs[0].pow(2).mean(),
+        "seg": (outputs[1] * float("inf")).mean(),
+        "normals": outputs[2].pow(2).mean(),
+    }
+    with pytest.raises(mtlgrad.NonFiniteGradientError, match="task 'seg': parameter") as caught:
+        mtlgrad.backward(losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=engine)
+    assert caught.value.tasks == [1]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_errors_name_the_engines() -> None:
+    from mtlgrad.aggregators import GradDrop
+
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    losses = losses_of(model, inputs("mlp"))
+    with pytest.raises(TypeError, match="GradDrop is not Gram-based.*engine='loop'"):
+        mtlgrad.backward(
+            losses, shared_params=shared_of(model), aggregator=GradDrop(), engine=engine
+        )
+    with pytest.raises(ValueError, match="engine='gram' needs the shared modules hooked"):
+        mtlgrad.backward(losses, shared_params=shared_of(model), aggregator=Sum(), engine="gram")
+    with pytest.raises(TypeError, match="not a module"):
+        mtlgrad.GramEngine(torch.zeros(2))
+
+
+def test_mtl_optimizer_builds_the_engine_from_the_model() -> None:
+    from mtlgrad.nn import MultiTaskModel
+
+    def build_model():
+        torch.manual_seed(0)
+        return MultiTaskModel(
+            nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16)),
+            {"a": nn.Linear(16, 1), "b": nn.Linear(16, 1)},
+        ).to(DTYPE)
+
+    a, b = build_model(), build_model()
+    loop = MTLOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), PCGrad(generator=gen(0)), model=a)
+    gram = MTLOptimizer(
+        torch.optim.SGD(b.parameters(), lr=0.1), PCGrad(generator=gen(0)), model=b, engine="gram"
+    )
+    x = inputs("mlp")
+    for optimizer, model in ((loop, a), (gram, b)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            out = model(x)
+            optimizer.backward({n: o.pow(2).mean() for n, o in out.items()})
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p)
+    with pytest.raises(ValueError, match="engine='gram' needs model="):
+        MTLOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), Sum(), engine="gram")
+
+
+def test_compiled_model() -> None:
+    reference, model = build("mlp"), build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = inputs("mlp")
+    expected = mtlgrad.backward(
+        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
+    )
+    record = mtlgrad.backward(
+        losses_of(compiled, x),
+        shared_params=shared_of(model),
+        aggregator=UPGrad(),
+        engine=engine,
+    )
+    torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
+
+
+def test_hooks_keep_nothing_without_a_step_and_can_be_removed() -> None:
+    import gc
+
+    from mtlgrad.step._gram_engine import _Call
+
+    def live_calls() -> int:
+        gc.collect()
+        return sum(type(o) is _Call for o in gc.get_objects())
+
+    model = build("mlp")
+    engine = mtlgrad.GramEngine(model)
+    before = live_calls()
+    out = model(inputs("mlp"))
+    assert live_calls() == before + 6  # two Linear and a LayerNorm in the trunk, three heads
+    del out
+    assert live_calls() == before  # the calls' records went with the graph
+    with torch.no_grad():
+        out = model(inputs("mlp"))
+    assert out[0].grad_fn is None and live_calls() == before
+    engine.remove()
+    out = model(inputs("mlp"))
+    with pytest.raises(RuntimeError, match="hooks were removed"):
+        mtlgrad.backward(
+            [o.sum() for o in out], shared_params=shared_of(model), aggregator=Sum(), engine=engine
+        )
