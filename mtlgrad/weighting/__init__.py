@@ -17,6 +17,7 @@ from mtlgrad.weighting._constant import Constant
 from mtlgrad.weighting._dwa import DWA
 from mtlgrad.weighting._equal import Equal
 from mtlgrad.weighting._famo import FAMO
+from mtlgrad.weighting._gls import GLS
 from mtlgrad.weighting._gradnorm import GradNorm
 from mtlgrad.weighting._rlw import RLW
 from mtlgrad.weighting._uncertainty import UncertaintyWeighting
@@ -24,6 +25,7 @@ from mtlgrad.weighting._uncertainty import UncertaintyWeighting
 __all__ = [
     "DWA",
     "FAMO",
+    "GLS",
     "RLW",
     "Constant",
     "Equal",
