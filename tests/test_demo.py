@@ -16,12 +16,18 @@ import torch
 
 from mtlgrad.cli import main
 from mtlgrad.demo import DEFAULT_METHODS, DEFAULT_TOY_METHODS
-from mtlgrad.demo._methods import GRADNORM_LR, METHODS, Method, resolve_methods
+from mtlgrad.demo._methods import (
+    CONSTANT_WEIGHTS,
+    GRADNORM_LR,
+    METHODS,
+    Method,
+    resolve_methods,
+)
 from mtlgrad.demo._metrics import delta_m
-from mtlgrad.demo._problem import DemoModel, make_problem, task_loss
+from mtlgrad.demo._problem import REGRESSION_TASKS, DemoModel, make_problem, task_loss
 from mtlgrad.demo._toy import STARTS, run_toy, toy_jacobian, toy_losses
 from mtlgrad.demo._train import TrainConfig, _batches, epoch_length, train
-from mtlgrad.weighting import DWA, FAMO, GradNorm
+from mtlgrad.weighting import DWA, FAMO, STCH, GradNorm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -83,7 +89,7 @@ def test_demo_subset_adds_the_baseline(tmp_path, capsys):
     assert "baseline" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key", ["gradnorm", "dwa", "famo"])
+@pytest.mark.parametrize("key", ["gradnorm", "dwa", "famo", "gls", "stch"])
 def test_loss_weighting_quick(key, tmp_path, capsys):
     assert main(["demo", "--quick", "--methods", key, "--out", str(tmp_path)]) == 0
     check_outputs(tmp_path, "demo")
@@ -173,6 +179,50 @@ def test_dwa_ends_an_epoch_every_pass_over_the_training_set(problem_and_init):
     assert (weights - 1).abs().max() > 1e-4
     assert float(weights.sum()) == pytest.approx(len(problem.tasks))
     np.testing.assert_allclose(result.weights, weights.numpy(), rtol=1e-6)
+
+
+def test_stch_records_its_reference_after_the_warm_up(problem_and_init):
+    problem, init = problem_and_init
+    per_epoch = epoch_length(problem.train_inputs.shape[0], 128)
+    made: list[STCH] = []
+    seen: list[torch.Tensor] = []
+
+    def make_weighting(model, tasks, seed):
+        made.append(METHODS["stch"].make_weighting(model, tasks, seed))
+        made[-1].register_forward_hook(
+            lambda module, args, out: seen.append(torch.stack(list(args[0].values())).detach())
+        )
+        return made[-1]
+
+    method = dataclasses.replace(METHODS["stch"], make_weighting=make_weighting)
+    # Epochs 0-3: warm-up, epoch 4: the reference epoch, then three steps of STCH proper.
+    steps = 5 * per_epoch + 3
+    result = train(method, problem, init, TrainConfig(steps=steps, evaluations=2))
+    stch = made[0]
+    assert isinstance(stch, STCH) and stch.warmup_epochs == 4 and stch.mu == 1.0
+    assert int(stch.num_epochs) == 5 and int(stch.num_steps) == 0
+    reference = stch.reference_losses
+    torch.testing.assert_close(
+        reference, torch.stack(seen[4 * per_epoch : 5 * per_epoch]).double().mean(0)
+    )
+    # The last step's weights are STCH's, T softmax(log(L / r)) / L, not the warm-up's 1 / L.
+    losses = seen[-1].double()
+    T = len(problem.tasks)
+    expected = T * torch.softmax((losses / reference).log(), 0) / losses
+    np.testing.assert_allclose(result.weights, expected.numpy(), rtol=1e-5)
+    assert (expected * losses - 1).abs().max() > 0.01
+
+
+def test_constant_quick(tmp_path):
+    inverse_scales = [1 / sigma**2 for _, sigma, _ in REGRESSION_TASKS] + [1.0]
+    assert inverse_scales == pytest.approx(list(CONSTANT_WEIGHTS), rel=1e-15)
+    assert len(CONSTANT_WEIGHTS) == len(make_problem(0).tasks)
+    assert main(["demo", "--quick", "--methods", "constant", "--out", str(tmp_path)]) == 0
+    rows = markdown_rows(tmp_path / "demo.md")
+    assert [row[0] for row in rows] == ["Sum", "Constant"]
+    report = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))
+    assert report["methods"][1]["final_weights"] == pytest.approx(CONSTANT_WEIGHTS)
+    assert 0.0 <= report["methods"][1]["conflicts"] <= 1.0
 
 
 def test_gradnorm_weights_train_at_their_own_rate(problem_and_init):
@@ -281,6 +331,14 @@ def test_toy_refuses_loss_weighting(tmp_path, capsys):
     assert main(["demo", "toy", "--methods", "mgda,uw,famo", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown methods 'uw', 'famo'" in err and "loss weighting" in err
+
+
+def test_toy_refuses_constant(tmp_path, capsys):
+    # Its weights are set for the multi-task problem's five tasks; the toy has two.
+    assert main(["demo", "toy", "--methods", "constant", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'constant'" in err
+    assert "constant: weights set for the multi-task problem's tasks" in err
 
 
 def test_scale_is_for_the_toy(tmp_path, capsys):

@@ -17,6 +17,8 @@ def make(name: str, model: TwoHeadNet) -> weightings.LossWeighting:
         return weightings.RLW(T, generator=torch.Generator().manual_seed(0))
     if name == "GradNorm":
         return weightings.GradNorm(T, model.trunk[2].parameters())
+    if name == "STCH":
+        return weightings.STCH(T, warmup_epochs=1)
     return getattr(weightings, name)(T)
 
 
@@ -25,7 +27,10 @@ NAMES = [n for n in weightings.__all__ if n != "LossWeighting"]
 
 def test_every_weighting_is_listed() -> None:
     assert sorted(NAMES) == sorted(
-        ["Constant", "DWA", "Equal", "FAMO", "GradNorm", "RLW", "UncertaintyWeighting"]
+        [
+            *("Constant", "DWA", "Equal", "FAMO", "GLS", "GradNorm", "RLW", "STCH"),
+            "UncertaintyWeighting",
+        ]
     )
 
 
@@ -45,9 +50,9 @@ def test_training_loop(name: str) -> None:
         if name == "FAMO":
             with torch.no_grad():
                 weighting.update(task_losses(model(x)[1], y))
-        if name == "DWA" and step % 5 == 4:
+        if name in ("DWA", "STCH") and step % 5 == 4:
             weighting.end_epoch()
         assert torch.isfinite(weighting.weights).all() and (weighting.weights >= 0).all()
     assert totals[-1] < 0.7 * totals[0], totals
-    if name in ("DWA", "FAMO", "GradNorm", "RLW", "UncertaintyWeighting"):
+    if name in ("DWA", "FAMO", "GLS", "GradNorm", "RLW", "STCH", "UncertaintyWeighting"):
         assert not torch.equal(weighting.weights, torch.ones_like(weighting.weights))

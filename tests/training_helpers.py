@@ -39,11 +39,13 @@ def batch(seed: int, tasks: int = 3, n: int = 32) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def make_aggregator(cls: type, seed: int = 0) -> GramAggregator:
-    """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad, a
-    seeded generator for randomised ones."""
+def make_aggregator(cls: type, seed: int = 0, tasks: int = 3) -> GramAggregator:
+    """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad,
+    distinct weights for the ``tasks`` tasks of Constant, a seeded generator for randomised
+    ones."""
     params = inspect.signature(cls).parameters
-    required = {"main": 0, "alpha": 1.0}  # the arguments some methods have no default for
+    # The arguments some methods have no default for.
+    required = {"main": 0, "alpha": 1.0, "weights": [1.0 + 0.5 * t for t in range(tasks)]}
     kwargs = {
         name: value
         for name, value in required.items()

@@ -9,6 +9,7 @@ from mtlgrad.aggregators._aligned_mtl import AlignedMTL
 from mtlgrad.aggregators._base import Aggregation, Aggregator, GramAggregator
 from mtlgrad.aggregators._cagrad import CAGrad
 from mtlgrad.aggregators._config import ConFIG
+from mtlgrad.aggregators._constant import Constant
 from mtlgrad.aggregators._cosine_gating import CosineGating
 from mtlgrad.aggregators._dualproj import DualProj
 from mtlgrad.aggregators._fairgrad import FairGrad
@@ -31,6 +32,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "Constant",
     "CosineGating",
     "DualProj",
     "FairGrad",

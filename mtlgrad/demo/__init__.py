@@ -28,8 +28,11 @@ DEFAULT_METHODS = (
 )
 DEFAULT_TOY_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nashmtl", "upgrad", "imtlg")
 # Available by name (--methods), not run by default.
-BY_NAME_METHODS = ("dualproj", "alignedmtl", "config", "gradvac", "graddrop", "rlw")
-LOSS_WEIGHTINGS = ("uw", "gradnorm", "dwa", "famo")
+BY_NAME_METHODS = (
+    *("dualproj", "alignedmtl", "config", "gradvac", "graddrop", "rlw", "constant"),
+    *("gls", "stch"),
+)
+LOSS_WEIGHTINGS = ("uw", "gradnorm", "dwa", "famo", "gls", "stch")
 # (default, --quick) steps
 STEPS = {"mtl": (4000, 60), "toy": (35000, 400)}
 
@@ -131,13 +134,19 @@ def run(args: argparse.Namespace) -> int:
     toy = args.problem == "toy"
     if args.scale is not None and not toy:
         return _error("--scale applies to the toy problem only (mtlgrad demo toy --scale ...)")
-    allowed = [key for key, m in METHODS.items() if not (toy and m.loss_based)]
+    allowed = [key for key, m in METHODS.items() if m.runs_on_toy or not toy]
     names = args.methods or list(DEFAULT_TOY_METHODS if toy else DEFAULT_METHODS)
     try:
         methods = resolve_methods(names, allowed)
     except ValueError as error:
         weightings = ", ".join(key for key, m in METHODS.items() if m.loss_based)
-        hint = f" ({weightings}: loss weightings, not run on the toy)" if toy else ""
+        others = ", ".join(key for key, m in METHODS.items() if not (m.toy or m.loss_based))
+        hint = (
+            f" ({weightings}: loss weightings; {others}: weights set for the multi-task "
+            "problem's tasks; not run on the toy)"
+            if toy
+            else ""
+        )
         return _error(f"--methods: {error}{hint}")
     default_steps, quick_steps = STEPS["toy" if toy else "mtl"]
     steps = args.steps or (quick_steps if args.quick else default_steps)

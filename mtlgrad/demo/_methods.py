@@ -16,6 +16,7 @@ from mtlgrad.aggregators import (
     AlignedMTL,
     CAGrad,
     ConFIG,
+    Constant,
     DualProj,
     GradDrop,
     GradVac,
@@ -26,7 +27,15 @@ from mtlgrad.aggregators import (
     UPGrad,
 )
 from mtlgrad.demo._problem import DemoModel, Task
-from mtlgrad.weighting import DWA, FAMO, GradNorm, LossWeighting, UncertaintyWeighting
+from mtlgrad.weighting import (
+    DWA,
+    FAMO,
+    GLS,
+    STCH,
+    GradNorm,
+    LossWeighting,
+    UncertaintyWeighting,
+)
 
 __all__ = ["METHODS", "Method", "resolve_methods"]
 
@@ -35,6 +44,11 @@ __all__ = ["METHODS", "Method", "resolve_methods"]
 # the default run (4000 steps, seed 0), Δm% against Sum: +3.6 at 1e-3, -7.5 at 0.01, -10.3 at
 # 0.025, -11.4 at 0.05.
 GRADNORM_LR = 0.025
+
+# Constant's hand-set weights for the multi-task problem: 1 / σ_i² for the regression tasks (σ_i =
+# 0.1, 1, 10, 100: their MSE scales as σ_i²), 1 for the classification task. The toy has other
+# tasks: Constant is not run there.
+CONSTANT_WEIGHTS = (100.0, 1.0, 0.01, 1e-4, 1.0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ class Method:
             (see :func:`mtlgrad.demo._train.train`). No per-task gradients are aggregated.
         weighting_lr: Adam's learning rate for the weighting's parameters (``None``: the
             model's).
+        toy: False for an aggregator made for the multi-task problem's tasks (Constant's
+            weights), which the toy does not offer (nor the loss weightings).
     """
 
     key: str
@@ -58,6 +74,7 @@ class Method:
     make: Callable[[int], Aggregator] | None = None
     make_weighting: Callable[[DemoModel, list[Task], int], LossWeighting] | None = None
     weighting_lr: float | None = None
+    toy: bool = True
 
     def __post_init__(self) -> None:
         if (self.make is None) == (self.make_weighting is None):
@@ -69,6 +86,10 @@ class Method:
     @property
     def loss_based(self) -> bool:
         return self.make_weighting is not None
+
+    @property
+    def runs_on_toy(self) -> bool:
+        return self.toy and not self.loss_based
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -91,6 +112,14 @@ def _famo(model: DemoModel, tasks: list[Task], seed: int) -> LossWeighting:
     return FAMO(len(tasks))
 
 
+def _gls(model: DemoModel, tasks: list[Task], seed: int) -> LossWeighting:
+    return GLS(len(tasks))
+
+
+def _stch(model: DemoModel, tasks: list[Task], seed: int) -> LossWeighting:
+    return STCH(len(tasks))
+
+
 METHODS = {
     m.key: m
     for m in (
@@ -110,9 +139,12 @@ METHODS = {
         Method("gradvac", "GradVac", lambda seed: GradVac(generator=_seeded(seed))),
         Method("graddrop", "GradDrop", lambda seed: GradDrop(generator=_seeded(seed))),
         Method("rlw", "RLW", lambda seed: RLW(generator=_seeded(seed))),
+        Method("constant", "Constant", lambda seed: Constant(CONSTANT_WEIGHTS), toy=False),
         Method("gradnorm", "GradNorm", make_weighting=_gradnorm, weighting_lr=GRADNORM_LR),
         Method("dwa", "DWA", make_weighting=_dwa),
         Method("famo", "FAMO", make_weighting=_famo),
+        Method("gls", "GLS", make_weighting=_gls),
+        Method("stch", "STCH", make_weighting=_stch),
     )
 }
 
