@@ -55,12 +55,16 @@ class MTLOptimizer(torch.optim.Optimizer):
         engine: ``"loop"``, ``"batched"`` (see :func:`mtlgrad.backward`), a
             :class:`~mtlgrad.GramEngine`, or ``"gram"`` with ``model=``: the optimizer then
             builds the GramEngine on the model (its hooks are in place from the first forward).
-        model: a :class:`~mtlgrad.nn.MultiTaskModule`: its ``shared_parameters()`` and
-            ``task_parameters(name)`` are the partition (instead of ``shared_params``).
+        model: a :class:`~mtlgrad.nn.MultiTaskModule` (or a DistributedDataParallel wrapping
+            one): its ``shared_parameters()`` and ``task_parameters(name)`` are the partition
+            (instead of ``shared_params``).
         scaler: a ``torch.amp.GradScaler`` (see :func:`mtlgrad.backward`).
         task_params: for each task, its own parameters (see :func:`mtlgrad.backward`).
         scale_task_params: multiply each head's gradient by its task's weight.
         batch_size: with ``engine="batched"``, at most this many tasks per vmapped backward.
+        process_group: under ``torch.distributed``, the ranks holding replicas (default: the
+            world group when it has more than one rank); each task's gradients are averaged over
+            them before the aggregation (see :func:`mtlgrad.backward`).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         task_params: Sequence[Iterable[Tensor]] | None = None,
         scale_task_params: bool = False,
         batch_size: int | None = None,
+        process_group: Any = None,
     ) -> None:
         from mtlgrad.nn import MultiTaskModule
 
@@ -103,6 +108,8 @@ class MTLOptimizer(torch.optim.Optimizer):
                 f"the gram engine computes the Gram matrix only, and {type(aggregator).__name__} "
                 "is not Gram-based: use engine='loop' or engine='batched'"
             )
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # the partition is the wrapped model's
         if model is not None:
             if not isinstance(model, MultiTaskModule):
                 raise TypeError(
@@ -135,6 +142,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.scaler = scaler
         self.scale_task_params = scale_task_params
         self.batch_size = batch_size
+        self.process_group = process_group
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
         self._optimizer_state_dict_pre_hooks = optimizer._optimizer_state_dict_pre_hooks
@@ -251,6 +259,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             task_params=task_params,
             scale_task_params=self.scale_task_params,
             batch_size=self.batch_size,
+            process_group=self.process_group,
         )
         return self.last_record
 

@@ -12,7 +12,8 @@
 """
 
 from mtlgrad.step._backward import ENGINES, backward
+from mtlgrad.step._distributed import DistributedMismatchError
 from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._record import StepRecord
 
-__all__ = ["ENGINES", "GramEngine", "StepRecord", "backward"]
+__all__ = ["ENGINES", "DistributedMismatchError", "GramEngine", "StepRecord", "backward"]

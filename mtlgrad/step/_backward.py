@@ -7,6 +7,7 @@ optimizer.step()
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from mtlgrad.step._checks import (
     task_parameters,
 )
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
+from mtlgrad.step._distributed import replicated
 from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._record import StepRecord
 from mtlgrad.step._write import warn_shared_reached_by_one_task
@@ -39,6 +41,7 @@ def backward(
     scale_task_params: bool = False,
     batch_size: int | None = None,
     retain_graph: bool = False,
+    process_group: Any = None,
 ) -> StepRecord:
     """Backpropagates T task losses and writes the aggregated gradient into ``.grad``.
 
@@ -75,6 +78,11 @@ def backward(
             aggregation).
         batch_size: with ``engine="batched"``, at most this many tasks per vmapped backward.
         retain_graph: keep the graph after the step.
+        process_group: under ``torch.distributed``, the ranks that hold replicas of the model
+            (default: the world group, whenever torch.distributed is initialised with more than
+            one rank). Each task's gradients, the heads' gradients and the losses are averaged
+            over them before the aggregation, so that every rank computes the same update, that
+            of one process on the global batch (:mod:`mtlgrad.step._distributed`).
 
     Returns:
         A :class:`StepRecord` with the weights, Gram matrix, cosines and norms of the step.
@@ -99,6 +107,10 @@ def backward(
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
     scaled = values if scale is None else [scaler.scale(v) for v in values]  # type: ignore[union-attr]
     level = shared if feature_list is None else feature_list
+    ranks = replicated(process_group)
+    if ranks is not None:
+        ranks.check_supported(engine, feature_list)
+        ranks.check_step(names, level, aggregator, scale)
 
     # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
     #    (the gram engine: G itself, layer by layer).
@@ -114,9 +126,11 @@ def backward(
             retain_graph=retain_graph or feature_list is not None,
             batch_size=batch_size,
         )
+    losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+    if ranks is not None:  # every rank: the gradients and losses of the global batch
+        losses64 = ranks.average(grads, level, losses64)
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
-    losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
     aggregation = grads.aggregate(
         aggregator, level, shared if feature_list is None else None, losses64, scale
     )

@@ -79,6 +79,15 @@ class TaskGradients:
             self._heads = self._heads()
         return self._heads
 
+    def map_heads(
+        self,
+        fn: Callable[[list[list[tuple[Tensor, Tensor]]]], list[list[tuple[Tensor, Tensor]]]],
+    ) -> None:
+        """Passes the heads' gradients through ``fn`` when they are asked for (averaging them
+        over the ranks, under torch.distributed)."""
+        inner = self._heads
+        self._heads = lambda: fn(inner() if callable(inner) else inner)
+
     def task_major(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         """The reached inputs' gradients as one task-major list (task 0's, then task 1's, ...);
         a task that does not reach an input some other task reaches contributes zeros there."""

@@ -1,0 +1,200 @@
+"""The step under ``torch.distributed``: the replicas stay one model.
+
+When torch.distributed is initialised with more than one rank, each rank differentiates its own
+batch, then, before the aggregation, every task's gradients are averaged across the ranks
+(*replicated mode*). Every rank then holds the per-task gradients of the global batch (the mean of
+the ranks' mean losses), computes the same G, weights and update, and steps the same way: one
+process on the concatenated batch, up to the order of floating-point additions. DDP's own
+gradient all-reduce is never triggered (the engines take gradients with ``autograd.grad``), so a
+DDP-wrapped model and a plain one behave alike. The heads' gradients and the losses are averaged
+the same way.
+
+What is sent per step: T x P of the shared level, in buckets of the same dtype, all-reduced
+asynchronously (the buckets overlap one another), the heads' gradients once, and two small
+headers. Before any bulk transfer, every rank compares a header (task count, task names, the
+level's layout, the aggregator's generator): a difference raises the same
+:class:`DistributedMismatchError` on every rank, never a hang.
+
+Not exact, hence refused with an error on every rank: the Gram engine (G of the averaged
+gradients needs the cross-rank products) and ``features=`` (its final backward would go through
+DDP's reducer, or through nothing).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistributedMismatchError", "Replicated", "replicated"]
+
+# Elements per all-reduce: large enough to keep the link busy, small enough that the buckets
+# overlap one another.
+BUCKET_BYTES = 25 << 20
+
+
+class DistributedMismatchError(ValueError):
+    """The ranks disagree on what the step computes (tasks, gradient layout, random state)."""
+
+
+def replicated(process_group: Any = None) -> Replicated | None:
+    """Replicated mode over ``process_group`` (default: the world group when torch.distributed
+    is initialised), or None with a single rank."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        process_group = dist.group.WORLD
+    if dist.get_world_size(process_group) < 2:
+        return None
+    return Replicated(process_group)
+
+
+def _fingerprint(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class Replicated:
+    """Averages the per-task gradients, the heads' gradients and the losses over the ranks."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    # ---- the header: the same step everywhere, or the same error everywhere ------------------
+
+    def check_same(self, what: str, values: dict[str, int | str]) -> None:
+        """Compares ``values`` (small facts about this rank's step) across the ranks; raises the
+        same :class:`DistributedMismatchError` on every rank where they differ."""
+        keys = list(values)
+        numbers = [v if isinstance(v, int) else _fingerprint(v) for v in values.values()]
+        mine = torch.tensor(numbers, dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine, group=self.group)
+        table = torch.stack(gathered)
+        differ = [keys[i] for i in range(len(keys)) if bool((table[:, i] != table[0, i]).any())]
+        if differ:
+            rows = "; ".join(
+                f"rank {r}: " + ", ".join(f"{keys[i]}={int(table[r, i])}" for i in range(len(keys)))
+                for r in range(self.world)
+            )
+            raise DistributedMismatchError(
+                f"mtlgrad.backward under torch.distributed: the ranks differ in {what} "
+                f"({', '.join(differ)}): {rows}. Every rank must step on the same tasks, with the "
+                "same shared parameters and the same aggregator state"
+            )
+
+    def check_step(
+        self, names: Sequence[str], level: Sequence[Tensor], aggregator: Any, scale: float | None
+    ) -> None:
+        layout = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in level)
+        generator = getattr(aggregator, "generator", None)
+        state = "" if generator is None else generator.get_state().numpy().tobytes().hex()
+        self.check_same(
+            "the step",
+            {
+                "tasks": len(names),
+                "task names": "\x00".join(map(str, names)),
+                "shared tensors": len(level),
+                "shared layout": layout,
+                "aggregator": type(aggregator).__name__,
+                "generator state": state,
+                "loss scale": repr(scale),
+            },
+        )
+
+    # ---- the averages --------------------------------------------------------------------------
+
+    def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The average of each tensor across the ranks (views into the buckets): same-dtype
+        buckets of about ``BUCKET_BYTES``, all-reduced asynchronously, then scaled by 1 / world
+        size. (New tensors, not in place: autograd may hand out expanded or shared gradients.)"""
+        buckets: list[list[int]] = []
+        open_bucket: dict[tuple, list[int]] = {}
+        sizes: dict[tuple, int] = {}
+        for i, t in enumerate(tensors):
+            key = (t.dtype, t.device)
+            open_bucket.setdefault(key, []).append(i)
+            sizes[key] = sizes.get(key, 0) + t.numel() * t.element_size()
+            if sizes[key] >= BUCKET_BYTES:
+                buckets.append(open_bucket.pop(key))
+                sizes[key] = 0
+        buckets += [b for b in open_bucket.values() if b]
+        pending = []
+        for bucket in buckets:
+            flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            pending.append((bucket, flat, work))
+        result: list[Tensor | None] = [None] * len(tensors)
+        for bucket, flat, work in pending:
+            work.wait()
+            flat.div_(self.world)
+            offset = 0
+            for i in bucket:
+                n = tensors[i].numel()
+                result[i] = flat[offset : offset + n].view(tensors[i].shape)
+                offset += n
+        return result  # type: ignore[return-value]
+
+    def check_supported(self, engine: Any, features: Sequence[Tensor] | None) -> None:
+        """What replicated mode cannot make exact: refused on every rank (the same settings
+        everywhere make the same error everywhere)."""
+        from mtlgrad.step._gram_engine import GramEngine
+
+        if isinstance(engine, GramEngine):
+            raise NotImplementedError(
+                "mtlgrad.backward under torch.distributed (more than one rank): the gram engine "
+                "is not supported yet (the Gram matrix of the rank-averaged gradients needs the "
+                "products between ranks); use engine='loop' or engine='batched', which average "
+                "each task's gradients over the ranks"
+            )
+        if features is not None:
+            raise NotImplementedError(
+                "mtlgrad.backward under torch.distributed (more than one rank): features= is not "
+                "supported yet; leave it out (engine='loop' or 'batched' average each task's "
+                "gradients of the shared parameters over the ranks)"
+            )
+
+    def average(self, grads: Any, level: Sequence[Tensor], losses: Tensor) -> Tensor:
+        """Averages the step in place over the ranks: the shared level's per-task gradients now,
+        the heads' when the write stage asks for them; returns the averaged losses."""
+        self.average_level(grads, level)
+        grads.map_heads(self.average_heads)
+        return self.average_losses(losses)
+
+    def average_level(self, grads: Any, level: Sequence[Tensor]) -> None:
+        """The shared level's per-task gradients, averaged in place; a task that does not reach
+        an input on this rank but does on another contributes zeros there."""
+        T, K = len(grads.names), len(level)
+        mask = torch.zeros(T, K, dtype=torch.int32)
+        for t, per_task in enumerate(grads.level):
+            for k, g in enumerate(per_task):
+                mask[t, k] = int(g is not None)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
+        for t in range(T):
+            for k in range(K):
+                if mask[t, k] and grads.level[t][k] is None:
+                    grads.level[t][k] = torch.zeros_like(level[k])
+        grads.reached = [k for k in range(K) if bool(mask[:, k].any())]
+        where = [(t, k) for t in range(T) for k in range(K) if grads.level[t][k] is not None]
+        averaged = self.mean([grads.level[t][k] for t, k in where])
+        for (t, k), g in zip(where, averaged):
+            grads.level[t][k] = g
+
+    def average_heads(
+        self, heads: list[list[tuple[Tensor, Tensor]]]
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        layout = ";".join(
+            f"{t}:" + ",".join(str(tuple(p.shape)) for p, _ in pairs)
+            for t, pairs in enumerate(heads)
+        )
+        self.check_same("the task-specific parameters reached", {"heads": layout})
+        averaged = iter(self.mean([g for pairs in heads for _, g in pairs]))
+        return [[(p, next(averaged)) for p, _ in pairs] for pairs in heads]
+
+    def average_losses(self, losses: Tensor) -> Tensor:
+        return self.mean([losses])[0]

@@ -1,0 +1,207 @@
+"""One rank of the distributed tests (``test_distributed.py`` starts ``world`` of them).
+
+    python distributed_worker.py SCENARIO WORLD RANK PORT
+
+Every scenario prints ``ok ...`` lines and exits 0 when what it checks holds; anything else is
+a failure (an assertion, an unexpected error, or the parent's timeout for a hang).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mtlgrad
+from mtlgrad.aggregators import MGDA, GradVac, NashMTL, PCGrad, Sum, UPGrad
+from mtlgrad.optim import MTLOptimizer
+from mtlgrad.step import DistributedMismatchError
+
+TASKS, PER_RANK, STEPS = 3, 4, 3
+
+
+def make_aggregator(name: str):
+    if name == "PCGrad":
+        return PCGrad(generator=torch.Generator().manual_seed(7))
+    if name == "NashMTL":
+        return NashMTL(update_weights_every=1)
+    if name == "GradVac":
+        return GradVac(beta=0.3, generator=torch.Generator().manual_seed(3))
+    return {"Sum": Sum, "MGDA": MGDA, "UPGrad": UPGrad}[name]()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(TASKS))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step (every rank can build it)."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(world * PER_RANK, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(world * PER_RANK, TASKS, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs = model(x)
+    return {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
+
+
+def train(name: str, engine: str, world: int, rank: int | None, ddp: bool) -> list[torch.Tensor]:
+    """STEPS steps of MTLOptimizer; ``rank`` None: one process on the global batch."""
+    torch.manual_seed(0)
+    net = Net().double()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    optimizer = MTLOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        make_aggregator(name),
+        shared_params=net.trunk.parameters(),
+        engine=engine,
+    )
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        if rank is not None:
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y = x[rows], y[rows]
+        optimizer.zero_grad()
+        optimizer.backward(losses_of(model, x, y))
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+METHODS = ("Sum", "PCGrad", "MGDA", "UPGrad", "NashMTL", "GradVac")
+ENGINES = ("loop", "batched")
+
+
+def init(world: int, rank: int, port: int, timeout_s: float = 30.0) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def expect_mismatch(fn, needle: str) -> None:
+    try:
+        fn()
+    except DistributedMismatchError as error:
+        assert needle in str(error), str(error)
+        print(f"ok raised: {str(error)[:120]}", flush=True)
+        return
+    raise AssertionError("no DistributedMismatchError")
+
+
+def scenario_equivalence(world: int, rank: int, port: int) -> None:
+    # The references first, before torch.distributed exists: one process, the global batch.
+    references = {(m, e): train(m, e, world, None, False) for m in METHODS for e in ENGINES}
+    init(world, rank, port)
+    for (method, engine), reference in references.items():
+        for ddp in (False, True):
+            params = train(method, engine, world, rank, ddp)
+            for p, q in zip(params, reference):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+            flat = torch.cat([p.reshape(-1) for p in params])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            print(f"ok {method} {engine} ddp={ddp}", flush=True)
+
+
+def scenario_task_counts_differ(world: int, rank: int, port: int) -> None:
+    init(world, rank, port)
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = batch(0, world)
+    losses = list(losses_of(net, x, y).values())
+    if rank == 1:
+        losses = losses[:2]
+    expect_mismatch(
+        lambda: mtlgrad.backward(losses, shared_params=net.trunk.parameters(), aggregator=UPGrad()),
+        "tasks",
+    )
+    assert all(p.grad is None for p in net.parameters()), ".grad was written"
+
+
+def scenario_generators_differ(world: int, rank: int, port: int) -> None:
+    init(world, rank, port)
+    torch.manual_seed(rank)  # a per-rank seed, as for data augmentation
+    net = Net().double()
+    for p in net.parameters():
+        dist.broadcast(p.data, 0)
+    x, y = batch(0, world)
+    expect_mismatch(
+        lambda: mtlgrad.backward(
+            losses_of(net, x, y), shared_params=net.trunk.parameters(), aggregator=PCGrad()
+        ),
+        "generator state",
+    )
+
+
+def scenario_gram_engine_refused(world: int, rank: int, port: int) -> None:
+    init(world, rank, port)
+    torch.manual_seed(0)
+    net = Net().double()
+    engine = mtlgrad.GramEngine(net)
+    x, y = batch(0, world)
+    try:
+        mtlgrad.backward(
+            losses_of(net, x, y),
+            shared_params=net.trunk.parameters(),
+            aggregator=UPGrad(),
+            engine=engine,
+        )
+    except NotImplementedError as error:
+        assert "torch.distributed" in str(error), str(error)
+        print("ok refused", flush=True)
+        return
+    raise AssertionError("the gram engine ran under torch.distributed")
+
+
+def scenario_rank_dies(world: int, rank: int, port: int) -> None:
+    init(world, rank, port, timeout_s=5.0)
+    if rank == world - 1:
+        print("ok leaving", flush=True)
+        sys.stdout.flush()
+        import os
+
+        os._exit(0)  # dies without a word to the others
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = batch(0, world)
+    try:
+        losses = losses_of(net, x, y)
+        mtlgrad.backward(losses, shared_params=net.trunk.parameters(), aggregator=UPGrad())
+    except (RuntimeError, dist.DistBackendError) as error:
+        print(f"ok failed: {type(error).__name__}", flush=True)
+        import os
+
+        os._exit(0)  # the process group is broken; do not wait in its destructor
+    raise AssertionError("the step finished without the dead rank")
+
+
+SCENARIOS = {
+    "equivalence": scenario_equivalence,
+    "task_counts_differ": scenario_task_counts_differ,
+    "generators_differ": scenario_generators_differ,
+    "gram_engine_refused": scenario_gram_engine_refused,
+    "rank_dies": scenario_rank_dies,
+}
+
+if __name__ == "__main__":
+    scenario, world, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    SCENARIOS[scenario](world, rank, port)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,86 @@
+"""The step under torch.distributed: real processes, gloo on loopback, every run bounded by a
+timeout (a hang is a failure). Each rank runs ``distributed_worker.py``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, world: int, timeout: float) -> list[str]:
+    """Runs ``world`` ranks of ``scenario``; returns each rank's output. A rank that fails, or a
+    run past ``timeout`` seconds (every rank is then killed), fails the test."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(world), str(rank), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    try:
+        for rank, process in enumerate(processes):
+            out, _ = process.communicate(timeout=timeout)
+            outputs.append(out)
+            assert process.returncode == 0, f"rank {rank} of {scenario!r} failed:\n{out[-4000:]}"
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"{scenario!r} with {world} ranks did not finish within {timeout} s (a hang)")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return outputs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
+    outputs = launch("equivalence", world, timeout=600)
+    for out in outputs:
+        done = [line for line in out.splitlines() if line.startswith("ok ")]
+        assert len(done) == 6 * 2 * 2, out[-2000:]  # methods x engines x (plain, DDP)
+
+
+def test_task_counts_that_differ_raise_on_every_rank() -> None:
+    for out in launch("task_counts_differ", 2, timeout=120):
+        assert "ok raised" in out and "rank 0: tasks=3" in out and "rank 1: tasks=2" in out, out
+
+
+def test_generators_that_differ_raise_on_every_rank() -> None:
+    for out in launch("generators_differ", 2, timeout=120):
+        assert "ok raised" in out and "generator state" in out, out
+
+
+def test_the_gram_engine_is_refused_on_every_rank() -> None:
+    for out in launch("gram_engine_refused", 2, timeout=120):
+        assert "ok refused" in out, out
+
+
+def test_a_rank_that_dies_fails_the_others_within_the_timeout() -> None:
+    outputs = launch("rank_dies", 2, timeout=120)
+    assert "ok failed" in outputs[0], outputs[0]
+    assert "ok leaving" in outputs[1], outputs[1]
