@@ -98,7 +98,7 @@ def expect_mismatch(fn, needle: str) -> None:
         fn()
     except DistributedMismatchError as error:
         assert needle in str(error), str(error)
-        print(f"ok raised: {str(error)[:120]}", flush=True)
+        print(f"ok raised: {error}", flush=True)
         return
     raise AssertionError("no DistributedMismatchError")
 

@@ -67,7 +67,8 @@ def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
 
 def test_task_counts_that_differ_raise_on_every_rank() -> None:
     for out in launch("task_counts_differ", 2, timeout=120):
-        assert "ok raised" in out and "rank 0: tasks=3" in out and "rank 1: tasks=2" in out, out
+        assert "ok raised" in out and "tasks: rank 0: 3, rank 1: 2" in out, out
+        assert "task names: ranks 0 / ranks 1 differ" in out, out
 
 
 def test_generators_that_differ_raise_on_every_rank() -> None:

@@ -76,29 +76,43 @@ class Replicated:
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine, group=self.group)
         table = torch.stack(gathered)
-        differ = [keys[i] for i in range(len(keys)) if bool((table[:, i] != table[0, i]).any())]
-        if differ:
-            rows = "; ".join(
-                f"rank {r}: " + ", ".join(f"{keys[i]}={int(table[r, i])}" for i in range(len(keys)))
-                for r in range(self.world)
-            )
-            raise DistributedMismatchError(
-                f"mtlgrad.backward under torch.distributed: the ranks differ in {what} "
-                f"({', '.join(differ)}): {rows}. Every rank must step on the same tasks, with the "
-                "same shared parameters and the same aggregator state"
-            )
+        differ = [i for i in range(len(keys)) if bool((table[:, i] != table[0, i]).any())]
+        if not differ:
+            return
+        parts = []
+        for i in differ:
+            column = table[:, i].tolist()
+            value = values[keys[i]]
+            if isinstance(value, int):
+                parts.append(
+                    f"{keys[i]}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(column))
+                )
+                continue
+            groups: dict[int, list[int]] = {}
+            for r, v in enumerate(column):
+                groups.setdefault(v, []).append(r)
+            ranks = " / ".join("ranks " + ",".join(map(str, g)) for g in groups.values())
+            parts.append(f"{keys[i]}: {ranks} differ (rank {self.rank} has {str(value)[:300]})")
+        raise DistributedMismatchError(
+            f"mtlgrad.backward under torch.distributed: the ranks differ in {what}: "
+            + "; ".join(parts)
+            + ". Every rank must step on the same tasks, with the same shared parameters and the "
+            "same aggregator state (seed randomised methods' generators alike on every rank)"
+        )
 
     def check_step(
         self, names: Sequence[str], level: Sequence[Tensor], aggregator: Any, scale: float | None
     ) -> None:
         layout = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in level)
         generator = getattr(aggregator, "generator", None)
-        state = "" if generator is None else generator.get_state().numpy().tobytes().hex()
+        state = (
+            0 if generator is None else _fingerprint(generator.get_state().numpy().tobytes().hex())
+        )
         self.check_same(
             "the step",
             {
                 "tasks": len(names),
-                "task names": "\x00".join(map(str, names)),
+                "task names": repr([str(n) for n in names]),
                 "shared tensors": len(level),
                 "shared layout": layout,
                 "aggregator": type(aggregator).__name__,
