@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from training_helpers import (
+    NoVmap,
     TwoHeadNet,
     batch,
     gram_aggregator_classes,
@@ -201,21 +202,9 @@ def test_compiled_forward() -> None:
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
 
 
-class _NoVmap(torch.autograd.Function):
-    """A backward that reads a value on the host, which vmap cannot batch."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float(grad.sum().item() != 0.5) * 2
-
-
 def test_batched_engine_suggests_loop_when_vmap_fails() -> None:
     p = torch.nn.Parameter(torch.randn(4))
-    z = _NoVmap.apply(p)
+    z = NoVmap.apply(p)
     losses = [z.sum(), (z**2).sum()]
     with pytest.raises(RuntimeError, match="Use engine='loop'"):
         mtlgrad.backward(losses, shared_params=[p], aggregator=Sum(), engine="batched")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from training_helpers import gram_aggregator_classes, make_aggregator
+from training_helpers import NoVmap, gram_aggregator_classes, make_aggregator
 
 import mtlgrad
 from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
@@ -168,6 +168,20 @@ def assert_same_step(name: str, make_aggregator_, **kwargs) -> None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=n)
 
 
+def loop_then_gram(reference: nn.Module, model: nn.Module, x) -> tuple:
+    """The records of a UPGrad step of ``reference`` by the loop engine and of ``model`` by
+    the gram engine (hooked before its forward), on the same input."""
+    expected = mtlgrad.backward(
+        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
+    )
+    engine = mtlgrad.GramEngine(model)
+    assert engine._layers, "nothing hooked"
+    record = mtlgrad.backward(
+        losses_of(model, x), shared_params=shared_of(model), aggregator=UPGrad(), engine=engine
+    )
+    return expected, record
+
+
 # vmap has no batching rule for CPU flash attention's backward: torch warns of a slower fallback.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -228,15 +242,7 @@ def test_frozen_layers_are_skipped() -> None:
 
     reference, model = make("mlp"), make("mlp")
     x = inputs("mlp")
-    expected = mtlgrad.backward(
-        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
-    )
-    record = mtlgrad.backward(
-        losses_of(model, x),
-        shared_params=shared_of(model),
-        aggregator=UPGrad(),
-        engine=mtlgrad.GramEngine(model),
-    )
+    expected, record = loop_then_gram(reference, model, x)
     torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
     assert model.trunk[0].weight.grad is None
     for p, q in zip(reference.parameters(), model.parameters()):
@@ -281,15 +287,6 @@ def test_samples_by_tasks_losses() -> None:
 
 
 def test_vmap_failure_falls_back_to_one_backward_per_task() -> None:
-    class NoVmap(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float(grad.sum().item() != 0.5) * 2
-
     class Model(MLP):
         def forward(self, x):
             z = NoVmap.apply(self.trunk(x))
@@ -299,15 +296,7 @@ def test_vmap_failure_falls_back_to_one_backward_per_task() -> None:
     reference, model = Model().to(DTYPE), Model().to(DTYPE)
     model.load_state_dict(reference.state_dict())
     x = inputs("mlp")
-    expected = mtlgrad.backward(
-        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
-    )
-    record = mtlgrad.backward(
-        losses_of(model, x),
-        shared_params=shared_of(model),
-        aggregator=UPGrad(),
-        engine=mtlgrad.GramEngine(model),
-    )
+    expected, record = loop_then_gram(reference, model, x)
     torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
     for p, q in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
@@ -470,3 +459,18 @@ def test_hooks_keep_nothing_without_a_step_and_can_be_removed() -> None:
         mtlgrad.backward(
             [o.sum() for o in out], shared_params=shared_of(model), aggregator=Sum(), engine=engine
         )
+
+
+def test_an_engine_built_after_the_forward_warns() -> None:
+    reference, model = build("mlp"), build("mlp")
+    x = inputs("mlp")
+    expected = mtlgrad.backward(
+        losses_of(reference, x), shared_params=shared_of(reference), aggregator=UPGrad()
+    )
+    losses = losses_of(model, x)
+    engine = mtlgrad.GramEngine(model)  # too late: the forward ran unhooked
+    with pytest.warns(UserWarning, match="Build the engine before the forward"):
+        record = mtlgrad.backward(
+            losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=engine
+        )
+    torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)

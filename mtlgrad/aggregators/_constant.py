@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mtlgrad._task_weights import task_weight_list
 from mtlgrad.aggregators._base import GramAggregator
 
 
@@ -24,27 +23,8 @@ class Constant(GramAggregator):
     """
 
     def __init__(self, weights: Sequence[float] | Tensor) -> None:
-        if isinstance(weights, Tensor):
-            if weights.dim() != 1:
-                raise ValueError(
-                    f"weights must be 1-D (one per task), got shape {tuple(weights.shape)}"
-                )
-            values = weights.detach().double().cpu().tolist()
-        else:
-            try:
-                values = list(weights)
-            except TypeError:
-                raise TypeError(
-                    f"weights must be a sequence of numbers, got {type(weights).__name__}"
-                ) from None
-        if not values:
-            raise ValueError("weights must hold one weight per task, got none")
-        for t, w in enumerate(values):
-            if isinstance(w, bool) or not isinstance(w, numbers.Real):
-                raise TypeError(f"weights[{t}] must be a number, got {type(w).__name__}")
-            if not math.isfinite(w):
-                raise ValueError(f"weights[{t}] must be finite, got {w!r}")
-        self.fixed_weights = torch.tensor([float(w) for w in values], dtype=torch.float64)
+        values = task_weight_list(weights, non_negative=False)
+        self.fixed_weights = torch.tensor(values, dtype=torch.float64)
 
     def _weights(self, G: Tensor) -> Tensor:
         T, n = G.shape[0], self.fixed_weights.shape[0]

@@ -103,6 +103,23 @@ class GramOverflowError(ValueError):
         )
 
 
+def _raise_nonfinite(
+    nonfinite: Tensor, names: Sequence[str] | None, task_names: Sequence[str] | None
+) -> None:
+    """Raises :class:`NonFiniteGradientError` for the tasks whose entry of ``nonfinite`` (per
+    task, the index of its first non-finite tensor, or -1) is set."""
+    first = nonfinite.tolist()
+    tasks = [t for t, index in enumerate(first) if index >= 0]
+    if tasks:
+        indices = [first[t] for t in tasks]
+        raise NonFiniteGradientError(
+            tasks,
+            indices,
+            None if names is None else [names[i] for i in indices],
+            None if task_names is None else [task_names[t] for t in tasks],
+        )
+
+
 def check_gram(
     gram: Tensor,
     nonfinite: Tensor,
@@ -124,16 +141,7 @@ def check_gram(
             product overflowed float64).
     """
     _check_task_names("mtlgrad.check_gram", task_names, gram.shape[0])
-    first = nonfinite.tolist()
-    tasks = [t for t, index in enumerate(first) if index >= 0]
-    if tasks:
-        indices = [first[t] for t in tasks]
-        raise NonFiniteGradientError(
-            tasks,
-            indices,
-            None if names is None else [names[i] for i in indices],
-            None if task_names is None else [task_names[t] for t in tasks],
-        )
+    _raise_nonfinite(nonfinite, names, task_names)
     finite = torch.isfinite(gram)
     if bool(finite.all()):
         return
@@ -303,16 +311,7 @@ def graddrop(
         return out
     nonfinite = torch.ops.mtlgrad.graddrop(grads, num_tasks, leak, seed, check_finite, out)
     if check_finite:
-        first = nonfinite.tolist()
-        tasks = [t for t, index in enumerate(first) if index >= 0]
-        if tasks:
-            indices = [first[t] for t in tasks]
-            raise NonFiniteGradientError(
-                tasks,
-                indices,
-                None if names is None else [names[i] for i in indices],
-                None if task_names is None else [task_names[t] for t in tasks],
-            )
+        _raise_nonfinite(nonfinite, names, task_names)
     return out
 
 

@@ -184,17 +184,15 @@ class Replicated:
         """The shared level's per-task gradients, averaged in place; a task that does not reach
         an input on this rank but does on another contributes zeros there."""
         T, K = len(grads.names), len(level)
-        mask = torch.zeros(T, K, dtype=torch.int32)
-        for t, per_task in enumerate(grads.level):
-            for k, g in enumerate(per_task):
-                mask[t, k] = int(g is not None)
+        mask = torch.tensor(
+            [[g is not None for g in per_task] for per_task in grads.level], dtype=torch.int32
+        ).reshape(T, K)
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
-        for t in range(T):
-            for k in range(K):
-                if mask[t, k] and grads.level[t][k] is None:
-                    grads.level[t][k] = torch.zeros_like(level[k])
-        grads.reached = [k for k in range(K) if bool(mask[:, k].any())]
-        where = [(t, k) for t in range(T) for k in range(K) if grads.level[t][k] is not None]
+        where = [(t, k) for t, k in mask.nonzero().tolist()]
+        for t, k in where:
+            if grads.level[t][k] is None:  # reached on another rank only
+                grads.level[t][k] = torch.zeros_like(level[k])
+        grads.reached = mask.any(dim=0).nonzero().flatten().tolist()
         averaged = self.mean([grads.level[t][k] for t, k in where])
         for (t, k), g in zip(where, averaged):
             grads.level[t][k] = g

@@ -24,6 +24,7 @@ How it works:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,13 @@ class GramEngine:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         scan = _scan(stacked, self)
         plan = _Plan.make(self, shared, scan)
+        if not scan.calls and any(id(p) in self._owners for p in shared):
+            warnings.warn(
+                "GramEngine: the losses reach none of its hooked modules' calls, so every "
+                "shared parameter takes its T gradients from autograd (exact, but the slow "
+                "way). Build the engine before the forward passes it is to differentiate",
+                stacklevel=3,
+            )
         phase = _run(self, stacked, plan, T)
         return TaskGram(
             names=list(names),

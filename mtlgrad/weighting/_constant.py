@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from mtlgrad._task_weights import task_weight_list
 from mtlgrad.weighting._base import LossWeighting
 
 
@@ -23,26 +22,7 @@ class Constant(LossWeighting):
     """
 
     def __init__(self, weights: Sequence[float] | Tensor) -> None:
-        if isinstance(weights, Tensor):
-            if weights.dim() != 1:
-                raise ValueError(
-                    f"weights must be 1-D (one per task), got shape {tuple(weights.shape)}"
-                )
-            values = weights.detach().double().cpu().tolist()
-        else:
-            try:
-                values = list(weights)
-            except TypeError:
-                raise TypeError(
-                    f"weights must be a sequence of numbers, got {type(weights).__name__}"
-                ) from None
-        if not values:
-            raise ValueError("weights must hold one weight per task, got none")
-        for t, w in enumerate(values):
-            if isinstance(w, bool) or not isinstance(w, numbers.Real):
-                raise TypeError(f"weights[{t}] must be a number, got {type(w).__name__}")
-            if not (math.isfinite(w) and w >= 0):  # NaN fails both
-                raise ValueError(f"weights[{t}] must be finite and non-negative, got {w!r}")
+        values = task_weight_list(weights, non_negative=True)
         super().__init__(len(values))
         self.register_buffer(
             "fixed_weights", torch.tensor(values, dtype=torch.float64), persistent=False
