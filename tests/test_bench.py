@@ -235,6 +235,9 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     assert rows["summed loss"]["x_summed"] == 1.0
     for variant in ("loop", "batched", "loop, features=z"):
         assert rows[f"mtlgrad PCGrad {variant}"]["ms"] > 0  # measured in its own process
+    assert rows["mtlgrad UPGrad loop, torch.compile(fullgraph=True)"]["ms"] > 0
+    compiled_pcgrad = rows["mtlgrad PCGrad loop, torch.compile(fullgraph=True)"]
+    assert compiled_pcgrad["ms"] is None and "torch.Generator" in compiled_pcgrad["status"]
     assert rows["mtlgrad PCGrad loop"]["aggregation_share"] > 0
     libmtl = rows["LibMTL PCGrad"]
     assert libmtl["status"] == "LibMTL not installed" and libmtl["ms"] is None

@@ -74,6 +74,7 @@ class Aggregator(ABC):
         task_names: Sequence[str] | None = None,
         scale: float | None = None,
         accumulate: bool = False,
+        check_finite: bool = True,
     ) -> Aggregation:
         """Combines a task-major gradient list (see :mod:`mtlgrad.ops`) into ``out``.
 
@@ -93,6 +94,11 @@ class Aggregator(ABC):
                 ``scaler.step`` expects); a non-finite gradient is an overflow: no error,
                 ``skipped`` is set and ``out`` holds NaN.
             accumulate: add into ``out`` instead of overwriting it.
+            check_finite: raise :class:`~mtlgrad.ops.NonFiniteGradientError` for a NaN or Inf
+                gradient (a host-side check of the kernel's flags). With ``False`` and no
+                ``scale``, non-finite values propagate into ``out`` as in plain PyTorch, and the
+                step has no data-dependent branch (``torch.compile(fullgraph=True)``). With a
+                ``scale``, the overflow check stays: the GradScaler needs it.
         """
 
     # ---- state ------------------------------------------------------------------------------
@@ -190,10 +196,17 @@ class GramAggregator(Aggregator):
         task_names: Sequence[str] | None = None,
         scale: float | None = None,
         accumulate: bool = False,
+        check_finite: bool = True,
     ) -> Aggregation:
         grads = list(grads)
         G, losses = gram_on_host(
-            grads, num_tasks, losses, names=names, task_names=task_names, scale=scale
+            grads,
+            num_tasks,
+            losses,
+            names=names,
+            task_names=task_names,
+            scale=scale,
+            check_finite=check_finite,
         )
         if G is None:
             nan = fill_nan(grads, num_tasks, out)
@@ -242,13 +255,14 @@ def gram_on_host(
     names: Sequence[str] | None = None,
     task_names: Sequence[str] | None = None,
     scale: float | None = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
     """The float64 Gram matrix of the unscaled gradients and the losses, on the host.
 
     One device-to-host transfer carries G, the kernel's non-finite flags and the losses
     together. Non-finite gradients raise :class:`~mtlgrad.ops.NonFiniteGradientError` naming
     the task and parameter; under a GradScaler (``scale``) they are an overflow and G is
-    ``None``.
+    ``None``. With ``check_finite=False`` (and no ``scale``) nothing is checked.
     """
     T = num_tasks
     if not grads:
@@ -267,7 +281,8 @@ def gram_on_host(
     elif losses is not None:
         losses = losses.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     if scale is None:
-        ops.check_gram(G, flags, names, task_names)
+        if check_finite:
+            ops.check_gram(G, flags, names, task_names)
         return G, losses
     if bool((flags >= 0).any()) or not bool(torch.isfinite(G).all()):
         return None, losses

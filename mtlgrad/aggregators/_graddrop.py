@@ -69,6 +69,7 @@ class GradDrop(Aggregator):
         task_names: Sequence[str] | None = None,
         scale: float | None = None,
         accumulate: bool = False,
+        check_finite: bool = True,
     ) -> Aggregation:
         grads = list(grads)
         device = grads[0].device if grads else torch.device("cpu")
@@ -92,6 +93,7 @@ class GradDrop(Aggregator):
                 leak,
                 seed,
                 out if direct else None,
+                check_finite=check_finite or scale is not None,
                 names=names,
                 task_names=task_names,
             )

@@ -31,10 +31,16 @@ import torch
 from mtlgrad.bench import _engines as engines
 from mtlgrad.bench._harness import FLAGS_NOTE, Column, Table, Timer, Timing, flags, ratio, timed
 
-# How mtlgrad.backward takes the task gradients: its two engines, and the loop engine with
-# features=z (gradients at the shared representation, then one backward through the trunk).
-VARIANTS = ("loop", "batched", "features")
-VARIANT_LABELS = {"loop": "loop", "batched": "batched", "features": "loop, features=z"}
+# How mtlgrad.backward takes the task gradients: its two engines, the loop engine with
+# features=z (gradients at the shared representation, then one backward through the trunk), and
+# the loop engine's whole step (forward, losses, backward) under torch.compile(fullgraph=True).
+VARIANTS = ("loop", "batched", "features", "compiled")
+VARIANT_LABELS = {
+    "loop": "loop",
+    "batched": "batched",
+    "features": "loop, features=z",
+    "compiled": "loop, torch.compile(fullgraph=True)",
+}
 METHODS = ("PCGrad", "MGDA", "UPGrad")
 # LibMTL's weighting classes for our methods (LibMTL's UPGrad needs arguments we do not mirror).
 LIBMTL_METHODS = {"PCGrad": "PCGrad"}
@@ -67,7 +73,7 @@ class StepConfig:
         if size == "tiny":
             return cls(
                 tasks=[2],
-                methods=["PCGrad"],
+                methods=["PCGrad", "UPGrad"],
                 width=32,
                 depth=1,
                 batch=8,
@@ -228,6 +234,29 @@ def build_step(
 
         agg = _aggregator(kind)
         variant = rest
+        heads = [list(h.parameters()) for h in model.heads]
+
+        def compiled_step(x: torch.Tensor, y: torch.Tensor) -> None:
+            # The README's recipe: task_params (no graph walk), no host-side finite check.
+            _, outputs = model(x)
+            mtlgrad.backward(
+                _losses(outputs, y),
+                shared_params=shared,
+                aggregator=agg,
+                task_params=heads,
+                check_finite=False,
+            )
+
+        if variant == "compiled":
+            torch._dynamo.config.trace_autograd_ops = True
+            compiled = torch.compile(compiled_step, fullgraph=True)
+
+            def step(i: int) -> None:
+                x, y = batches[i % 2]
+                model.zero_grad()
+                compiled(x, y)
+
+            return step, lambda timer: float("nan")
 
         def step(i: int) -> None:
             x, y = batches[i % 2]
@@ -387,6 +416,10 @@ def run(
             row: dict[str, Any] = {"T": T, "step": label, "status": "", **timed("ms", None)}
             row.update(x_summed=None, extra_mib=None, aggregation_share=None, flags=[])
             progress(f"step T={T}: {label}")
+            if rest == "compiled" and getattr(_aggregator(kind), "generator", None) is not None:
+                row["status"] = "draws from a torch.Generator: dynamo cannot trace it"
+                table.rows.append(row)
+                continue
             peer = peer_of.get(kind)
             if peer is not None and not peers[peer]["installed"]:
                 row["status"] = f"{peer} not installed"

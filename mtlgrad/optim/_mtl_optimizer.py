@@ -66,6 +66,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         process_group: under ``torch.distributed``, the ranks holding replicas (default: the
             world group when it has more than one rank); each task's gradients are averaged over
             them before the aggregation (see :func:`mtlgrad.backward`).
+        check_finite: raise for a NaN or Inf task gradient (default); ``False`` lets them
+            propagate into ``.grad`` and removes the step's host-side check (see
+            :func:`mtlgrad.backward`).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         scale_task_params: bool = False,
         batch_size: int | None = None,
         process_group: Any = None,
+        check_finite: bool = True,
     ) -> None:
         from mtlgrad.nn import MultiTaskModule
 
@@ -144,6 +148,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.scale_task_params = scale_task_params
         self.batch_size = batch_size
         self.process_group = process_group
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+        self.check_finite = check_finite
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
         self._optimizer_state_dict_pre_hooks = optimizer._optimizer_state_dict_pre_hooks
@@ -283,6 +290,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             process_group=self.process_group,
             accumulator=self.accumulator if (len(self.accumulator) or not aggregate) else None,
             aggregate=aggregate,
+            check_finite=self.check_finite,
         )
         if record is not None:
             self.last_record = record

@@ -50,6 +50,7 @@ def backward(
     process_group: Any = None,
     accumulator: GradientAccumulator | None = None,
     aggregate: bool = True,
+    check_finite: bool = True,
 ) -> StepRecord | None:
     """Backpropagates T task losses and writes the aggregated gradient into ``.grad``.
 
@@ -96,6 +97,11 @@ def backward(
             the sums, as for one step on all the accumulated micro-batches.
         aggregate: with ``False`` (needs ``accumulator``), only accumulate: no aggregation,
             ``.grad`` untouched, no communication between ranks; returns None.
+        check_finite: raise :class:`~mtlgrad.ops.NonFiniteGradientError` for a NaN or Inf task
+            gradient (the default). ``False`` drops that host-side check: non-finite values
+            propagate into ``.grad`` as with ``loss.backward()``, and the step can be compiled
+            with ``torch.compile(fullgraph=True)`` (see the README). A GradScaler's overflow
+            check stays.
 
     Returns:
         A :class:`StepRecord` with the weights, Gram matrix, cosines and norms of the step (None
@@ -113,6 +119,8 @@ def backward(
     feature_list = feature_tensors(features, shared)
     check_engine(engine, aggregator, features)
     check_accumulation(accumulator, aggregate, features, engine)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
     parts = None
     if task_params is None:
         parts = partition(values, shared=shared, features=feature_list or ())
@@ -160,7 +168,7 @@ def backward(
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
     aggregation = grads.aggregate(
-        aggregator, level, shared if feature_list is None else None, losses64, scale
+        aggregator, level, shared if feature_list is None else None, losses64, scale, check_finite
     )
     # 3. Write: the heads get their own task's gradient; for the features (and the gram
     #    engine), one backward through the trunk.

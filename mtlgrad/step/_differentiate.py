@@ -111,11 +111,12 @@ class TaskGradients:
         shared: Sequence[Tensor] | None,
         losses: Tensor,
         scale: float | None,
+        check_finite: bool = True,
     ) -> Any:
         """Stage 2: the aggregator on these gradients (see :mod:`mtlgrad.step._write`)."""
         from mtlgrad.step._write import aggregate
 
-        return aggregate(aggregator, self, level, shared, losses, scale)
+        return aggregate(aggregator, self, level, shared, losses, scale, check_finite)
 
     def write(
         self,

@@ -559,6 +559,7 @@ class TaskGram:
         shared: Sequence[Tensor] | None,
         losses: Tensor,
         scale: float | None,
+        check_finite: bool = True,
     ) -> Aggregation:
         """Weights from G (brought to the host with the flags and the losses in one transfer)."""
         assert isinstance(aggregator, GramAggregator)
@@ -568,7 +569,7 @@ class TaskGram:
             if bool((flags >= 0).any()) or not bool(torch.isfinite(G).all()):
                 return Aggregation([], None, None, skipped=True, losses=losses_host)
             G = G / (scale * scale)
-        else:
+        elif check_finite:
             if bool((flags >= 0).sum() > 1):
                 flags = self._blame(flags)
             names = [

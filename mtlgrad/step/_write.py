@@ -22,6 +22,7 @@ def aggregate(
     shared: Sequence[Tensor] | None,
     losses: Tensor,
     scale: float | None,
+    check_finite: bool = True,
 ) -> Aggregation:
     """The aggregator on the reached inputs of the shared level; with ``shared`` (the shared
     parameters are the level), the update is added into their ``.grad`` in the same pass."""
@@ -51,6 +52,7 @@ def aggregate(
             task_names=grads.names,
             scale=scale,
             accumulate=out is not None,
+            check_finite=check_finite,
         )
     except NonFiniteGradientError as error:
         raise _blame(error, grads, level) from None
