@@ -158,7 +158,8 @@ def fit(module: pl.LightningModule, epochs: int, data: TensorDataset | None = No
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        t.fit(module, loader, ckpt_path=ckpt_path)
+        # weights_only: the checkpoints (mtlgrad's state included) load without unpickling code
+        t.fit(module, loader, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     return t
 
 
