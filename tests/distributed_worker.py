@@ -191,8 +191,82 @@ def scenario_rank_dies(world: int, rank: int, port: int) -> None:
     raise AssertionError("the step finished without the dead rank")
 
 
+def scenario_accumulation(world: int, rank: int, port: int) -> None:
+    """Two micro-batches per rank, accumulated per task and aggregated once, are one process's
+    step on the global batch; the accumulating calls send nothing."""
+    references = {m: train(m, "loop", world, None, False) for m in ("UPGrad", "GradVac")}
+    init(world, rank, port)
+    collectives = ("all_reduce", "all_gather", "broadcast", "all_reduce_coalesced")
+    for method, reference in references.items():
+        torch.manual_seed(0)
+        net = Net().double()
+        optimizer = MTLOptimizer(
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            make_aggregator(method),
+            shared_params=net.trunk.parameters(),
+        )
+        for step in range(STEPS):
+            x, y = batch(step, world)
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y = x[rows], y[rows]
+            half = PER_RANK // 2
+            optimizer.zero_grad()
+            saved = {name: getattr(dist, name) for name in collectives}
+            for name in collectives:
+                setattr(
+                    dist,
+                    name,
+                    lambda *a, _n=name, **k: (_ for _ in ()).throw(
+                        AssertionError(f"{_n} during an accumulating call")
+                    ),
+                )
+            try:
+                losses = losses_of(net, x[:half], y[:half])
+                optimizer.backward({k: v / 2 for k, v in losses.items()}, aggregate=False)
+            finally:
+                for name, fn in saved.items():
+                    setattr(dist, name, fn)
+            losses = losses_of(net, x[half:], y[half:])
+            optimizer.backward({k: v / 2 for k, v in losses.items()})
+            optimizer.step()
+        for p, q in zip(net.parameters(), reference):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12)
+        print(f"ok accumulation {method}", flush=True)
+
+
+def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
+    """DDP with find_unused_parameters or static_graph sends the features and the outputs
+    through one node: features= is then an error naming DDP, never a step without gradients."""
+    init(world, rank, port)
+
+    class Features(Net):
+        def forward(self, x: torch.Tensor):  # type: ignore[override]
+            z = self.trunk(x)
+            return z, [h(z).squeeze(-1) for h in self.heads]
+
+    for options in ({"find_unused_parameters": True}, {"static_graph": True}):
+        torch.manual_seed(0)
+        net = Features().double()
+        model = nn.parallel.DistributedDataParallel(net, **options)
+        x, y = batch(0, world)
+        z, outputs = model(x)
+        losses = [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)]
+        try:
+            mtlgrad.backward(
+                losses, shared_params=net.trunk.parameters(), aggregator=UPGrad(), features=z
+            )
+        except ValueError as error:
+            assert "DistributedDataParallel" in str(error), str(error)
+            assert all(p.grad is None for p in net.parameters()), ".grad was written"
+            print(f"ok refused {options}", flush=True)
+            continue
+        raise AssertionError(f"features= under DDP {options} did not raise")
+
+
 SCENARIOS = {
+    "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,
+    "accumulation": scenario_accumulation,
     "task_counts_differ": scenario_task_counts_differ,
     "generators_differ": scenario_generators_differ,
     "gram_engine_refused": scenario_gram_engine_refused,
