@@ -7,7 +7,9 @@ Needs the ``lightning`` package (``pip install lightning``); importing this modu
   returned: the aggregated backward (with the precision plugin's GradScaler under
   ``"16-mixed"``), optional clipping, the optimizer step through Lightning (step counting,
   ``on_before_optimizer_step``, the scaler's unscale, step and update), ``zero_grad``, the LR
-  schedulers at their configured interval, and the step's record logged with ``log_dict``.
+  schedulers at their configured interval, and the step's record logged with ``log_dict``;
+  with ``accumulate_grad_batches=K``, the task gradients of K micro-batches are summed and
+  aggregated once.
   The aggregator's state rides in the MTLOptimizer's ``state_dict``, so it is in Lightning's
   checkpoint with nothing more to do.
 - :class:`AggregatorCheckpoint`, a callback for the functional :func:`mtlgrad.backward` with a
@@ -47,7 +49,7 @@ def mtl_step(
     log_cosines: bool = True,
     log_prefix: str = "mtl",
     accumulate_grad_batches: int = 1,
-) -> StepRecord:
+) -> StepRecord | None:
     """One multi-task optimisation step from a LightningModule's ``training_step``.
 
     In order: the :class:`~mtlgrad.optim.MTLOptimizer`'s ``backward(losses, features=...)``
@@ -74,6 +76,12 @@ def mtl_step(
     Gradients already in ``.grad`` when it is called (an auxiliary loss's
     ``self.manual_backward``) are added to, as :func:`mtlgrad.backward` does; the step leaves
     ``.grad`` at ``None``.
+
+    Gradient accumulation (``accumulate_grad_batches=K``): each call is a micro-batch; its task
+    gradients are summed with ``MTLOptimizer.backward(losses, aggregate=False)`` and the K-th
+    call (or the last batch of the epoch) aggregates the sums once and steps, as one step on the
+    K micro-batches together would. As in Lightning's automatic accumulation, each micro-batch's
+    losses are divided by K (also in a shorter last cycle of an epoch).
 
     Mixed precision: under a precision plugin with a GradScaler (``"16-mixed"``), the scaler is
     handed to the MTLOptimizer (which scales the losses and writes the scaled update, see
@@ -106,12 +114,13 @@ def mtl_step(
         log_cosines: also log the cosine of every pair of task gradients,
             ``{prefix}/cosine/{task_a}/{task_b}`` (T (T - 1) / 2 keys).
         log_prefix: the first part of the logged keys.
-        accumulate_grad_batches: 1; gradient accumulation across micro-batches is not supported
-            yet (it needs to aggregate the accumulated task gradients once, not each
-            micro-batch's).
+        accumulate_grad_batches: step every K calls (and at the end of each epoch), aggregating
+            the task gradients summed over the micro-batches. Lightning's own
+            ``Trainer(accumulate_grad_batches=...)`` is for automatic optimisation only.
 
     Returns:
-        The step's :class:`~mtlgrad.StepRecord`.
+        The step's :class:`~mtlgrad.StepRecord`, or ``None`` for a micro-batch that only
+        accumulated.
     """
     _check_accumulation(accumulate_grad_batches)
     if gradient_clip_val is not None and (
@@ -130,7 +139,14 @@ def mtl_step(
     wrapper, mtl = _find_optimizer(module, optimizer)
     _hand_over_scaler(trainer, mtl)
 
-    record = mtl.backward(losses, features=features)
+    if accumulate_grad_batches > 1:
+        losses = _divided(losses, accumulate_grad_batches)
+        aggregate = len(mtl.accumulator) + 1 >= accumulate_grad_batches or _epoch_ends(trainer)
+        record = mtl.backward(losses, features=features, aggregate=aggregate)
+        if record is None:
+            return None
+    else:
+        record = mtl.backward(losses, features=features)
     if gradient_clip_val:
         scaler = mtl.scaler
         # The scaled gradients are clipped at the scaled threshold: the clip coefficient is the
@@ -224,13 +240,25 @@ def _check_accumulation(accumulate_grad_batches: int) -> None:
             "mtl_step: accumulate_grad_batches must be a positive int, got "
             f"{accumulate_grad_batches!r}"
         )
-    if accumulate_grad_batches > 1:
-        raise NotImplementedError(
-            f"mtl_step: accumulate_grad_batches={accumulate_grad_batches} is not supported yet: "
-            "accumulating the aggregated updates of each micro-batch is not the aggregation of "
-            "the accumulated task gradients for the methods that are not linear (all but Sum, "
-            "Mean and Constant); use a larger batch, or call mtl_step once per batch"
-        )
+
+
+def _divided(
+    losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor, count: int
+) -> Sequence[Tensor] | Mapping[str, Tensor] | Tensor:
+    """Each micro-batch's losses divided by the number of micro-batches (their mean, as in
+    Lightning's automatic accumulation)."""
+    if isinstance(losses, Tensor):
+        return losses / count
+    if isinstance(losses, Mapping):
+        return {name: loss / count for name, loss in losses.items()}
+    return [loss / count for loss in losses]
+
+
+def _epoch_ends(trainer: pl.Trainer) -> bool:
+    """Whether this is the epoch's last batch: the condition on which Lightning's automatic
+    optimisation steps epoch schedulers and ends an accumulation."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.current.ready == trainer.num_training_batches or progress.is_last_batch
 
 
 def _check_module(module: pl.LightningModule) -> pl.Trainer:
@@ -324,12 +352,7 @@ def _hand_over_scaler(trainer: pl.Trainer, mtl: MTLOptimizer) -> None:
 
 
 def _step_schedulers(trainer: pl.Trainer, mtl: MTLOptimizer) -> None:
-    epoch_loop = trainer.fit_loop.epoch_loop
-    # The condition Lightning's automatic optimisation steps epoch schedulers on.
-    epoch_ends = (
-        epoch_loop.batch_progress.current.ready == trainer.num_training_batches
-        or epoch_loop.batch_progress.is_last_batch
-    )
+    epoch_ends = _epoch_ends(trainer)
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
         if getattr(scheduler, "optimizer", None) not in (mtl, mtl.optimizer):
