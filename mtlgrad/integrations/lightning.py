@@ -100,7 +100,8 @@ def mtl_step(
             :func:`mtlgrad.backward`).
         gradient_clip_val: clip the gradients before the step (``None`` or 0: no clipping).
             Under a GradScaler the gradients are still scaled at this point, so the threshold
-            is multiplied by the scale, which clips exactly as the unscaled gradients would be.
+            is multiplied by the scale: the clip coefficient is the one of the unscaled
+            gradients (up to ``clip_grad_norm_``'s 1e-6 in its denominator).
         gradient_clip_algorithm: ``"norm"`` (of all the optimizer's gradients together) or
             ``"value"``, as in Lightning.
         step_schedulers: step this optimizer's LR schedulers from ``configure_optimizers`` at
@@ -149,9 +150,9 @@ def mtl_step(
         record = mtl.backward(losses, features=features)
     if gradient_clip_val:
         scaler = mtl.scaler
-        # The scaled gradients are clipped at the scaled threshold: the clip coefficient is the
-        # one the unscaled gradients would get (the scale is a power of two), and Lightning
-        # unscales inside the step below, after the closure, where a second unscale_ fails.
+        # Lightning unscales inside the step below (a second unscale_ would fail), so the
+        # scaled gradients are clipped at the scaled threshold: with a power-of-two scale, the
+        # norms and the clip coefficient are those of the unscaled gradients.
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         module.clip_gradients(mtl, gradient_clip_val * scale, gradient_clip_algorithm)
     wrapper.step()
