@@ -191,8 +191,52 @@ def scenario_rank_dies(world: int, rank: int, port: int) -> None:
     raise AssertionError("the step finished without the dead rank")
 
 
+def scenario_accumulation(world: int, rank: int, port: int) -> None:
+    """Two micro-batches per rank, accumulated per task and aggregated once, are one process's
+    step on the global batch; the accumulating calls send nothing."""
+    references = {m: train(m, "loop", world, None, False) for m in ("UPGrad", "GradVac")}
+    init(world, rank, port)
+    collectives = ("all_reduce", "all_gather", "broadcast", "all_reduce_coalesced")
+    for method, reference in references.items():
+        torch.manual_seed(0)
+        net = Net().double()
+        optimizer = MTLOptimizer(
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            make_aggregator(method),
+            shared_params=net.trunk.parameters(),
+        )
+        for step in range(STEPS):
+            x, y = batch(step, world)
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y = x[rows], y[rows]
+            half = PER_RANK // 2
+            optimizer.zero_grad()
+            saved = {name: getattr(dist, name) for name in collectives}
+            for name in collectives:
+                setattr(
+                    dist,
+                    name,
+                    lambda *a, _n=name, **k: (_ for _ in ()).throw(
+                        AssertionError(f"{_n} during an accumulating call")
+                    ),
+                )
+            try:
+                losses = losses_of(net, x[:half], y[:half])
+                optimizer.backward({k: v / 2 for k, v in losses.items()}, aggregate=False)
+            finally:
+                for name, fn in saved.items():
+                    setattr(dist, name, fn)
+            losses = losses_of(net, x[half:], y[half:])
+            optimizer.backward({k: v / 2 for k, v in losses.items()})
+            optimizer.step()
+        for p, q in zip(net.parameters(), reference):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12)
+        print(f"ok accumulation {method}", flush=True)
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
+    "accumulation": scenario_accumulation,
     "task_counts_differ": scenario_task_counts_differ,
     "generators_differ": scenario_generators_differ,
     "gram_engine_refused": scenario_gram_engine_refused,

@@ -65,6 +65,11 @@ def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
         assert len(done) == 6 * 2 * 2, out[-2000:]  # methods x engines x (plain, DDP)
 
 
+def test_accumulated_micro_batches_equal_one_process_on_the_global_batch() -> None:
+    for out in launch("accumulation", 2, timeout=300):
+        assert out.count("ok accumulation") == 2, out[-2000:]
+
+
 def test_task_counts_that_differ_raise_on_every_rank() -> None:
     for out in launch("task_counts_differ", 2, timeout=120):
         assert "ok raised" in out and "tasks: rank 0: 3, rank 1: 2" in out, out

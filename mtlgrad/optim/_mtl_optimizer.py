@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlgrad.aggregators import Aggregator, GramAggregator
-from mtlgrad.step import ENGINES, GramEngine, StepRecord, backward
+from mtlgrad.step import ENGINES, GradientAccumulator, GramEngine, StepRecord, backward
 from mtlgrad.step._checks import named_losses
 from mtlgrad.step._differentiate import partition
 
@@ -150,6 +150,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = optimizer._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_post_hooks = optimizer._optimizer_load_state_dict_post_hooks
         self.last_record: StepRecord | None = None
+        self.accumulator = GradientAccumulator()
 
     # ---- the wrapped optimizer's surface ------------------------------------------------------
 
@@ -178,9 +179,19 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes ``.grad`` and drops the per-task gradients accumulated with
+        ``backward(..., aggregate=False)``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.accumulator.clear()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if len(self.accumulator):
+            raise RuntimeError(
+                f"MTLOptimizer.step: {len(self.accumulator)} micro-batch(es) were accumulated "
+                "with backward(losses, aggregate=False) but never aggregated, so .grad does not "
+                "hold them; call backward(losses) (aggregate=True) for the last micro-batch "
+                "before step()"
+            )
         return self.optimizer.step(closure)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -240,16 +251,25 @@ class MTLOptimizer(torch.optim.Optimizer):
         self,
         losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
         features: Tensor | Sequence[Tensor] | None = None,
-    ) -> StepRecord:
+        *,
+        aggregate: bool = True,
+    ) -> StepRecord | None:
         """Computes and aggregates the task gradients into ``.grad`` (see
-        :func:`mtlgrad.backward`); returns the step's record."""
+        :func:`mtlgrad.backward`); returns the step's record.
+
+        Gradient accumulation: ``backward(losses, aggregate=False)`` for every micro-batch but
+        the last only adds each task's gradients to :attr:`accumulator` (``.grad`` untouched,
+        returns None); ``backward(losses)`` for the last adds its own and aggregates the sums,
+        once, as one step on the whole batch would. Divide each micro-batch's losses by the
+        number of micro-batches for the mean, as in single-task accumulation.
+        """
         shared, task_params = self.shared_params, self.task_params
         if self.model is not None:
             shared, task_params = self._model_partition(losses)
         elif shared is None:
             parts = self._partition(losses, features)
             shared, task_params = parts.shared, parts.heads
-        self.last_record = backward(
+        record = backward(
             losses,
             shared_params=shared,
             aggregator=self.aggregator,
@@ -260,8 +280,12 @@ class MTLOptimizer(torch.optim.Optimizer):
             scale_task_params=self.scale_task_params,
             batch_size=self.batch_size,
             process_group=self.process_group,
+            accumulator=self.accumulator if (len(self.accumulator) or not aggregate) else None,
+            aggregate=aggregate,
         )
-        return self.last_record
+        if record is not None:
+            self.last_record = record
+        return record
 
     def _model_partition(
         self, losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor

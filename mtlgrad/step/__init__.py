@@ -11,9 +11,17 @@
   of the combined gradient through the trunk.
 """
 
+from mtlgrad.step._accumulate import GradientAccumulator
 from mtlgrad.step._backward import ENGINES, backward
 from mtlgrad.step._distributed import DistributedMismatchError
 from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._record import StepRecord
 
-__all__ = ["ENGINES", "DistributedMismatchError", "GramEngine", "StepRecord", "backward"]
+__all__ = [
+    "ENGINES",
+    "DistributedMismatchError",
+    "GradientAccumulator",
+    "GramEngine",
+    "StepRecord",
+    "backward",
+]

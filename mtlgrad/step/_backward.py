@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mtlgrad.aggregators import Aggregator
+from mtlgrad.step._accumulate import GradientAccumulator, check_accumulation
 from mtlgrad.step._checks import (
     check_engine,
     feature_tensors,
@@ -42,7 +43,9 @@ def backward(
     batch_size: int | None = None,
     retain_graph: bool = False,
     process_group: Any = None,
-) -> StepRecord:
+    accumulator: GradientAccumulator | None = None,
+    aggregate: bool = True,
+) -> StepRecord | None:
     """Backpropagates T task losses and writes the aggregated gradient into ``.grad``.
 
     Args:
@@ -83,9 +86,15 @@ def backward(
             one rank). Each task's gradients, the heads' gradients and the losses are averaged
             over them before the aggregation, so that every rank computes the same update, that
             of one process on the global batch (:mod:`mtlgrad.step._distributed`).
+        accumulator: a :class:`~mtlgrad.step.GradientAccumulator`: this micro-batch's per-task
+            gradients are added to it, and the aggregation (with ``aggregate=True``) is that of
+            the sums, as for one step on all the accumulated micro-batches.
+        aggregate: with ``False`` (needs ``accumulator``), only accumulate: no aggregation,
+            ``.grad`` untouched, no communication between ranks; returns None.
 
     Returns:
-        A :class:`StepRecord` with the weights, Gram matrix, cosines and norms of the step.
+        A :class:`StepRecord` with the weights, Gram matrix, cosines and norms of the step (None
+        with ``aggregate=False``).
 
     ``.grad`` follows PyTorch: the update is added into an existing ``.grad`` in the same pass
     that computes it (gradient accumulation works), and a shared parameter that no task reaches
@@ -98,6 +107,7 @@ def backward(
     shared = shared_parameters(shared_params)
     feature_list = feature_tensors(features, shared)
     check_engine(engine, aggregator, features)
+    check_accumulation(accumulator, aggregate, features, engine)
     if task_params is None:
         parts = partition(values, shared=shared, features=feature_list or ())
         warn_shared_reached_by_one_task(parts, names)
@@ -107,7 +117,7 @@ def backward(
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
     scaled = values if scale is None else [scaler.scale(v) for v in values]  # type: ignore[union-attr]
     level = shared if feature_list is None else feature_list
-    ranks = replicated(process_group)
+    ranks = replicated(process_group) if aggregate else None
     if ranks is not None:
         ranks.check_supported(engine, feature_list)
         ranks.check_step(names, level, aggregator, scale)
@@ -127,6 +137,11 @@ def backward(
             batch_size=batch_size,
         )
     losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+    if accumulator is not None:  # the sums over the micro-batches, aggregated once
+        accumulator.add(grads, level, losses64, scale)
+        if not aggregate:
+            return None
+        grads, losses64, scale = accumulator.take()
     if ranks is not None:  # every rank: the gradients and losses of the global batch
         losses64 = ranks.average(grads, level, losses64)
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
