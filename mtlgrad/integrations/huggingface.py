@@ -14,8 +14,6 @@ module imports ``transformers`` (``import mtlgrad`` does not).
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -73,11 +71,11 @@ class MTLTrainer(transformers.Trainer):
     sum it is) and ``<task>_weight``, the aggregation's weight of the task at the last optimizer
     step (absent for elementwise methods such as GradDrop).
 
-    **Gradient accumulation.** With ``gradient_accumulation_steps > 1`` and an
-    ``MTLOptimizer.backward`` that takes ``aggregate=``, each micro-batch's per-task gradients
-    are accumulated and aggregated once, on the last micro-batch (``accelerator.sync_gradients``);
-    with an older one each micro-batch is aggregated on its own and the updates add up (a warning
-    says so).
+    **Gradient accumulation.** With ``gradient_accumulation_steps > 1`` each task's gradients are
+    summed over the micro-batches (``MTLOptimizer.backward(losses, aggregate=False)``) and
+    aggregated once, on the last micro-batch (``accelerator.sync_gradients``), as one step on the
+    whole batch would; ``features_key`` and the Gram engine cannot accumulate and are refused
+    then.
 
     Args:
         *args: the Trainer's arguments (``model``, ``args``, datasets, ``optimizers``, ...).
@@ -167,10 +165,6 @@ class MTLTrainer(transformers.Trainer):
         self.task_names: list[str] | None = names
         self.engine = engine
         self.scale_task_params = scale_task_params
-        self._defers_aggregation = (
-            "aggregate" in inspect.signature(MTLOptimizer.backward).parameters
-        )
-        self._warned_accumulation = False
         self._last_record: StepRecord | None = None
         self._task_loss_sums: dict[str, Tensor] = {}
         self._optimizer_steps_since_log = 0
@@ -192,6 +186,7 @@ class MTLTrainer(transformers.Trainer):
                 f"({type(optimizer).__name__}) in an MTLOptimizer; pass a torch.optim optimizer "
                 "(or none) in optimizers="
             )
+        self._check_accumulation()
         target = self.accelerator.unwrap_model(self.model if model is None else model)
         options: dict[str, Any] = {}
         if self.shared_params is None and isinstance(target, MultiTaskModule):
@@ -249,6 +244,29 @@ class MTLTrainer(transformers.Trainer):
                 "of create_optimizer must call MTLTrainer.create_optimizer)"
             )
         return found
+
+    def _check_accumulation(self) -> None:
+        steps = self.args.gradient_accumulation_steps
+        if steps == 1:
+            return
+        refused = None
+        if self.features_key is not None:
+            refused = (
+                f"features_key={self.features_key!r} (each micro-batch's features belong to "
+                "its own graph)"
+            )
+        elif self.engine == "gram" or isinstance(self.engine, GramEngine):
+            refused = (
+                "the gram engine (the Gram matrix of summed gradients is not the sum of the "
+                "micro-batches' Gram matrices)"
+            )
+        if refused is not None:
+            raise ValueError(
+                f"MTLTrainer: gradient_accumulation_steps={steps} sums each task's gradients "
+                f"over the micro-batches and aggregates once, which {refused} cannot do; use "
+                "gradient_accumulation_steps=1 (and a larger batch), or engine='loop'/'batched' "
+                "without features_key"
+            )
 
     def _check_supported(self) -> None:
         kind = _UNSUPPORTED.get(self.accelerator.distributed_type)
@@ -445,21 +463,7 @@ class MTLTrainer(transformers.Trainer):
     def _backward(self, losses: dict[str, Tensor], features: Tensor | list[Tensor] | None) -> None:
         optimizer = self._mtl_optimizer()
         last_micro_batch = self.accelerator.sync_gradients
-        if self._defers_aggregation:
-            record = optimizer.backward(  # type: ignore[call-arg]
-                losses, features=features, aggregate=last_micro_batch
-            )
-        else:
-            if self.args.gradient_accumulation_steps > 1 and not self._warned_accumulation:
-                warnings.warn(
-                    "MTLTrainer: this mtlgrad's MTLOptimizer.backward has no aggregate= argument: "
-                    "with gradient_accumulation_steps > 1 each micro-batch is aggregated on its "
-                    "own and the updates add up (not one aggregation of the accumulated task "
-                    "gradients)",
-                    stacklevel=2,
-                )
-                self._warned_accumulation = True
-            record = optimizer.backward(losses, features=features)
+        record = optimizer.backward(losses, features=features, aggregate=last_micro_batch)
         if last_micro_batch:
             self._optimizer_steps_since_log += 1
             if record is not None:
