@@ -373,12 +373,31 @@ def test_the_accelerators_grad_scaler_gives_the_unscaled_update(tmp_path: Path) 
     trainer.accelerator.scaler = scaler
     trainer.add_callback(EnableUnscaling(trainer))
     trainer.train()
-    assert trainer.optimizer.optimizer.scaler is scaler
-    assert scaler.get_scale() == 2.0**12  # no overflow, the scale unchanged
+    assert trainer.optimizer.optimizer.scaler is scaler  # MTLOptimizer's
+    assert trainer.optimizer.scaler is scaler  # AcceleratedOptimizer's: scaler.step and update
+    assert scaler.get_scale() == 2.0**12 and scaler._growth_tracker.item() == 3  # 3 good steps
     # Powers of two scale exactly: the same parameters as without a scaler, clipping included
     # (clipping the scaled gradients would differ).
     hand_loop(reference, data, gradvac(), steps=3)
     assert_same_parameters(model, reference)
+
+
+def test_an_overflow_skips_the_step_and_lowers_the_scale(tmp_path: Path) -> None:
+    model = make_model()
+    before = copy.deepcopy(model)
+    data = make_data(4)
+    for row in data:
+        row["tagging_labels"] = row["tagging_labels"] * 1e6  # finite, but not once scaled
+    args = make_args(tmp_path, max_steps=1, fp16=True)
+    trainer = make_trainer(model, args, data, gradvac())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    trainer.accelerator.scaler = scaler
+    trainer.add_callback(EnableUnscaling(trainer))
+    trainer.train()
+    assert trainer.optimizer.optimizer.last_record.skipped
+    assert trainer.accelerator.optimizer_step_was_skipped
+    assert scaler.get_scale() == 2.0**119
+    assert_same_parameters(model, before)
 
 
 # ---- errors -------------------------------------------------------------------------------------
