@@ -234,7 +234,37 @@ def scenario_accumulation(world: int, rank: int, port: int) -> None:
         print(f"ok accumulation {method}", flush=True)
 
 
+def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
+    """DDP with find_unused_parameters or static_graph sends the features and the outputs
+    through one node: features= is then an error naming DDP, never a step without gradients."""
+    init(world, rank, port)
+
+    class Features(Net):
+        def forward(self, x: torch.Tensor):  # type: ignore[override]
+            z = self.trunk(x)
+            return z, [h(z).squeeze(-1) for h in self.heads]
+
+    for options in ({"find_unused_parameters": True}, {"static_graph": True}):
+        torch.manual_seed(0)
+        net = Features().double()
+        model = nn.parallel.DistributedDataParallel(net, **options)
+        x, y = batch(0, world)
+        z, outputs = model(x)
+        losses = [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)]
+        try:
+            mtlgrad.backward(
+                losses, shared_params=net.trunk.parameters(), aggregator=UPGrad(), features=z
+            )
+        except ValueError as error:
+            assert "DistributedDataParallel" in str(error), str(error)
+            assert all(p.grad is None for p in net.parameters()), ".grad was written"
+            print(f"ok refused {options}", flush=True)
+            continue
+        raise AssertionError(f"features= under DDP {options} did not raise")
+
+
 SCENARIOS = {
+    "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,
     "accumulation": scenario_accumulation,
     "task_counts_differ": scenario_task_counts_differ,

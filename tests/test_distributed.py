@@ -70,6 +70,11 @@ def test_accumulated_micro_batches_equal_one_process_on_the_global_batch() -> No
         assert out.count("ok accumulation") == 2, out[-2000:]
 
 
+def test_features_leaving_ddp_with_the_outputs_are_an_error() -> None:
+    (out,) = launch("ddp_output_features", 1, timeout=120)
+    assert out.count("ok refused") == 2, out[-2000:]
+
+
 def test_task_counts_that_differ_raise_on_every_rank() -> None:
     for out in launch("task_counts_differ", 2, timeout=120):
         assert "ok raised" in out and "tasks: rank 0: 3, rank 1: 2" in out, out

@@ -13,6 +13,7 @@ from mtlgrad.aggregators import Aggregator, GramAggregator
 from mtlgrad.step import ENGINES, GradientAccumulator, GramEngine, StepRecord, backward
 from mtlgrad.step._checks import named_losses
 from mtlgrad.step._differentiate import partition
+from mtlgrad.step._reach import check_features_reached, check_shared_below_features
 
 __all__ = ["MTLOptimizer"]
 
@@ -313,10 +314,13 @@ class MTLOptimizer(torch.optim.Optimizer):
         losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
         features: Tensor | Sequence[Tensor] | None,
     ) -> Any:
-        _, values = named_losses(losses)
+        names, values = named_losses(losses)
         feature_list = [features] if isinstance(features, Tensor) else list(features or ())
         candidates = [p for group in self.optimizer.param_groups for p in group["params"]]
         parts = partition(values, shared=None, candidates=candidates, features=feature_list)
+        if feature_list:
+            check_features_reached(feature_list, parts=parts)
+            check_shared_below_features(parts, names)
         if not parts.shared:
             raise ValueError(
                 "MTLOptimizer: no parameter of the optimizer is shared by two or more task "

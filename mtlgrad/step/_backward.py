@@ -24,8 +24,13 @@ from mtlgrad.step._checks import (
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
 from mtlgrad.step._distributed import replicated
 from mtlgrad.step._gram_engine import GramEngine
+from mtlgrad.step._reach import (
+    check_features_reached,
+    check_shared_below_features,
+    warn_shared_reached_by_one_task,
+    warn_shared_without_gradient,
+)
 from mtlgrad.step._record import StepRecord
-from mtlgrad.step._write import warn_shared_reached_by_one_task
 
 __all__ = ["ENGINES", "backward"]
 
@@ -108,8 +113,12 @@ def backward(
     feature_list = feature_tensors(features, shared)
     check_engine(engine, aggregator, features)
     check_accumulation(accumulator, aggregate, features, engine)
+    parts = None
     if task_params is None:
         parts = partition(values, shared=shared, features=feature_list or ())
+        if feature_list is not None:
+            check_features_reached(feature_list, parts=parts)
+            check_shared_below_features(parts, names)
         warn_shared_reached_by_one_task(parts, names)
         heads = parts.heads
     else:
@@ -136,6 +145,10 @@ def backward(
             retain_graph=retain_graph or feature_list is not None,
             batch_size=batch_size,
         )
+    if feature_list is not None:
+        check_features_reached(feature_list, grads=grads)
+    elif parts is not None and not isinstance(engine, GramEngine):
+        warn_shared_without_gradient(parts, grads, names)
     losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
     if accumulator is not None:  # the sums over the micro-batches, aggregated once
         accumulator.add(grads, level, losses64, scale)

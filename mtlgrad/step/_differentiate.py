@@ -39,11 +39,17 @@ class Partition:
         reach: for each shared parameter, the tasks whose loss the walk saw reach it (empty
             where the walk did not go: below the features, or no walk when the partition was
             given).
+        above_features: with ``features``, for each shared parameter, the tasks whose loss
+            reaches it without passing through the features (empty for a trunk parameter).
+        feature_reach: with ``features``, for each feature tensor, the tasks whose loss the
+            walk saw reach its autograd node.
     """
 
     shared: list[Tensor]
     heads: list[list[Tensor]]
     reach: list[list[int]] | None = None
+    above_features: list[list[int]] | None = None
+    feature_reach: list[list[int]] | None = None
 
 
 @dataclass
@@ -138,11 +144,12 @@ class TaskGradients:
 
 def _leaf_reach(
     losses: Sequence[Tensor], stop_at: Sequence[Tensor], below_stops: bool
-) -> tuple[list[Tensor], list[int], list[int]]:
+) -> tuple[list[Tensor], list[int], list[int], dict]:
     """One walk of the graph below all the losses: every leaf that requires grad, with two task
     bit masks: the tasks that reach it at all, and those that reach it without passing through
     one of the ``stop_at`` tensors (the features). Without ``below_stops`` the walk does not go
-    below those tensors (the trunk under the features is not visited)."""
+    below those tensors (the trunk under the features is not visited). Also the task mask of
+    every node visited."""
     roots = [loss.grad_fn for loss in losses]
     stops = {t.grad_fn for t in stop_at if t.grad_fn is not None}
     # Depth-first post-order over the nodes reachable from any loss, each node visited once; its
@@ -193,7 +200,7 @@ def _leaf_reach(
                 reach_all[child] = reach_all.get(child, 0) | every
                 if direct:
                     reach_direct[child] = reach_direct.get(child, 0) | direct
-    return leaves, masks_all, masks_direct
+    return leaves, masks_all, masks_direct, reach_all
 
 
 def _tasks(mask: int, num_tasks: int) -> list[int]:
@@ -215,7 +222,9 @@ def partition(
     those a single loss reaches, when there is one task).
     """
     T = len(losses)
-    leaves, masks_all, masks_direct = _leaf_reach(losses, features, below_stops=shared is None)
+    leaves, masks_all, masks_direct, nodes = _leaf_reach(
+        losses, features, below_stops=shared is None
+    )
     index = {id(leaf): i for i, leaf in enumerate(leaves)}
     if shared is None:
         threshold = 2 if T > 1 else 1
@@ -232,7 +241,11 @@ def partition(
             for t in _tasks(mask, T):
                 heads[t].append(leaf)
     reach = [_tasks(masks_all[index[id(p)]], T) if id(p) in index else [] for p in shared]
-    return Partition(shared, heads, reach)
+    above = feature_reach = None
+    if features:
+        above = [_tasks(masks_direct[index[id(p)]], T) if id(p) in index else [] for p in shared]
+        feature_reach = [_tasks(nodes.get(f.grad_fn, 0), T) for f in features]
+    return Partition(shared, heads, reach, above, feature_reach)
 
 
 # ---- the engines -----------------------------------------------------------------------------

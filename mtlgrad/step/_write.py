@@ -10,28 +10,9 @@ from torch import Tensor
 
 from mtlgrad.aggregators import Aggregation, Aggregator
 from mtlgrad.ops import NonFiniteGradientError
-from mtlgrad.step._differentiate import Partition, TaskGradients
+from mtlgrad.step._differentiate import TaskGradients
 
-__all__ = ["accumulate_grad", "aggregate", "warn_shared_reached_by_one_task", "write"]
-
-
-def warn_shared_reached_by_one_task(parts: Partition, names: Sequence[str]) -> None:
-    """A shared parameter that one task alone reaches is most likely that task's head passed as
-    shared (``shared_params=model.parameters()``): its gradient would be reweighted by the
-    aggregation, and it would change the weights, without a word."""
-    if len(names) < 2 or not parts.reach:
-        return
-    for k, (p, tasks) in enumerate(zip(parts.shared, parts.reach)):
-        if len(tasks) == 1:
-            warnings.warn(
-                f"mtlgrad.backward: shared_params[{k}] (shape {list(p.shape)}) is reached by "
-                f"the loss of {names[tasks[0]]!r} only: it looks like that task's own parameter "
-                "(a head). Its gradient is aggregated with the others' and changes the weights; "
-                "pass only the parameters the tasks share (e.g. model.trunk.parameters()), or "
-                "task_params",
-                stacklevel=3,
-            )
-            return
+__all__ = ["accumulate_grad", "aggregate", "write"]
 
 
 def aggregate(
