@@ -2,6 +2,9 @@
 
 - :mod:`mtlgrad.integrations.lightning`: PyTorch Lightning (manual optimisation), needs the
   ``lightning`` package.
+- :mod:`mtlgrad.integrations.huggingface`: the Hugging Face ``Trainer`` (``MTLTrainer``), needs
+  ``transformers`` and ``accelerate``.
 
-``import mtlgrad`` imports none of them, and none of the frameworks.
+Each submodule imports its framework when it is itself imported; ``import mtlgrad`` imports none
+of them, and none of the frameworks.
 """
