@@ -66,7 +66,8 @@ class PCGrad:
     - The step runs through :func:`mtlgrad.backward`: a NaN/Inf gradient raises
       :class:`~mtlgrad.ops.NonFiniteGradientError` naming the task and parameter, and
       :meth:`pc_backward` returns the step's :class:`~mtlgrad.StepRecord` (weights, Gram
-      matrix, cosines), where Pytorch-PCGrad returns nothing.
+      matrix, cosines, over the flattened vector; the weights are those of the summed projected
+      gradients, before the ``"mean"`` division), where Pytorch-PCGrad returns nothing.
 
     mtlgrad's own training path (:class:`~mtlgrad.optim.MTLOptimizer` with
     :class:`~mtlgrad.aggregators.PCGrad`) projects the shared parameters' gradients only and
