@@ -309,7 +309,7 @@ def _check_expects_grad(tensor: Tensor, what: str, field: str) -> None:
 
 def _leaves(tensors: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> list[Tensor]:
     """The leaves requiring grad that ``tensors`` depend on, not through ``stop_at``."""
-    leaves, _, direct = _leaf_reach(list(tensors), list(stop_at), below_stops=False)
+    leaves, _, direct, _ = _leaf_reach(list(tensors), list(stop_at), below_stops=False)
     return [leaf for leaf, mask in zip(leaves, direct) if mask]
 
 
