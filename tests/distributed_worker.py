@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mtlgrad
-from mtlgrad.aggregators import MGDA, GradVac, NashMTL, PCGrad, Sum, UPGrad
+from mtlgrad.aggregators import MGDA, GradDrop, GradVac, NashMTL, PCGrad, Sum, UPGrad
 from mtlgrad.optim import MTLOptimizer
 from mtlgrad.step import DistributedMismatchError
 
@@ -191,6 +191,70 @@ def scenario_rank_dies(world: int, rank: int, port: int) -> None:
     raise AssertionError("the step finished without the dead rank")
 
 
+class FeatureNet(Net):
+    """Returns the trunk's output too, for features=."""
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        z = self.trunk(x)
+        return z, [h(z).squeeze(-1) for h in self.heads]
+
+
+def train_features(method: str, world: int, rank: int | None, ddp: bool) -> list[torch.Tensor]:
+    """STEPS steps with features=z; ``rank`` None: one process on the global batch."""
+    torch.manual_seed(0)
+    net = FeatureNet().double()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    optimizer = MTLOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        make_aggregator(method),
+        shared_params=net.trunk.parameters(),
+    )
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        if rank is not None:
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y = x[rows], y[rows]
+        optimizer.zero_grad()
+        z, outputs = model(x)
+        losses = {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
+        optimizer.backward(losses, features=z)
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def scenario_features(world: int, rank: int, port: int) -> None:
+    """features=: G summed over the ranks (T x T), the trunk's gradient averaged: one process's
+    features step on the global batch. An elementwise method is refused on every rank."""
+    references = {m: train_features(m, world, None, False) for m in METHODS}
+    init(world, rank, port)
+    for method, reference in references.items():
+        for ddp in (False, True):
+            params = train_features(method, world, rank, ddp)
+            for p, q in zip(params, reference):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+            flat = torch.cat([p.reshape(-1) for p in params])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            print(f"ok features {method} ddp={ddp}", flush=True)
+    torch.manual_seed(0)
+    net = FeatureNet().double()
+    x, y = batch(0, world)
+    z, outputs = net(x)
+    try:
+        mtlgrad.backward(
+            [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)],
+            shared_params=net.trunk.parameters(),
+            aggregator=GradDrop(),
+            features=z,
+        )
+    except NotImplementedError as error:
+        assert "GradDrop is elementwise" in str(error), str(error)
+        print("ok elementwise refused", flush=True)
+        return
+    raise AssertionError("GradDrop with features= ran under torch.distributed")
+
+
 def scenario_accumulation(world: int, rank: int, port: int) -> None:
     """Two micro-batches per rank, accumulated per task and aggregated once, are one process's
     step on the global batch; the accumulating calls send nothing."""
@@ -264,6 +328,7 @@ def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
 
 
 SCENARIOS = {
+    "features": scenario_features,
     "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,
     "accumulation": scenario_accumulation,

@@ -65,6 +65,13 @@ def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
         assert len(done) == 6 * 2 * 2, out[-2000:]  # methods x engines x (plain, DDP)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_features_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
+    for out in launch("features", world, timeout=300):
+        assert out.count("ok features") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
+        assert "ok elementwise refused" in out, out[-2000:]
+
+
 def test_accumulated_micro_batches_equal_one_process_on_the_global_batch() -> None:
     for out in launch("accumulation", 2, timeout=300):
         assert out.count("ok accumulation") == 2, out[-2000:]

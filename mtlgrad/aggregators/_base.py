@@ -264,12 +264,39 @@ def gram_on_host(
     the task and parameter; under a GradScaler (``scale``) they are an overflow and G is
     ``None``. With ``check_finite=False`` (and no ``scale``) nothing is checked.
     """
-    T = num_tasks
+    G, flags = gram_with_flags(grads, num_tasks)
+    return checked_gram_on_host(
+        G,
+        flags,
+        losses,
+        names=names,
+        task_names=task_names,
+        scale=scale,
+        check_finite=check_finite,
+    )
+
+
+def gram_with_flags(grads: Sequence[Tensor], num_tasks: int) -> tuple[Tensor, Tensor]:
+    """The native ``gram`` op's two outputs, on the gradients' device (zeros and no flags for an
+    empty list)."""
     if not grads:
-        G = torch.zeros(T, T, dtype=torch.float64)
-        flags = torch.full((T,), -1, dtype=torch.int64)
-    else:
-        G, flags = torch.ops.mtlgrad.gram(list(grads), T)
+        T = num_tasks
+        return torch.zeros(T, T, dtype=torch.float64), torch.full((T,), -1, dtype=torch.int64)
+    return torch.ops.mtlgrad.gram(list(grads), num_tasks)
+
+
+def checked_gram_on_host(
+    G: Tensor,
+    flags: Tensor,
+    losses: Tensor | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    task_names: Sequence[str] | None = None,
+    scale: float | None = None,
+    check_finite: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The second half of :func:`gram_on_host`, for a G computed (or reduced) elsewhere."""
+    T = G.shape[0]
     if G.device.type != "cpu":
         parts = [G.reshape(-1), flags.to(torch.float64)]
         if losses is not None:

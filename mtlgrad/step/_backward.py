@@ -136,8 +136,8 @@ def backward(
     level = shared if feature_list is None else feature_list
     ranks = replicated(process_group) if aggregate else None
     if ranks is not None:
-        ranks.check_supported(engine, feature_list)
-        ranks.check_step(names, level, aggregator, scale)
+        ranks.check_supported(engine, feature_list, aggregator)
+        ranks.check_step(names, level, aggregator, scale, features=feature_list is not None)
 
     # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
     #    (the gram engine: G itself, layer by layer).
@@ -164,15 +164,27 @@ def backward(
             return None
         grads, losses64, scale = accumulator.take()
     if ranks is not None:  # every rank: the gradients and losses of the global batch
-        losses64 = ranks.average(grads, level, losses64)
+        losses64 = ranks.average(grads, level, losses64, features=feature_list is not None)
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
-    aggregation = grads.aggregate(
-        aggregator, level, shared if feature_list is None else None, losses64, scale, check_finite
-    )
+    trunk_mean = None
+    if ranks is not None and feature_list is not None:  # the global batch's G: T x T summed
+        aggregation = ranks.aggregate_features(
+            aggregator, grads, feature_list, losses64, scale, check_finite
+        )
+        trunk_mean = lambda trunk: ranks.mean_present(trunk, shared)  # noqa: E731
+    else:
+        aggregation = grads.aggregate(
+            aggregator,
+            level,
+            shared if feature_list is None else None,
+            losses64,
+            scale,
+            check_finite,
+        )
     # 3. Write: the heads get their own task's gradient; for the features (and the gram
-    #    engine), one backward through the trunk.
-    grads.write(aggregation, shared, feature_list, scale_task_params, retain_graph)
+    #    engine), one backward through the trunk (under torch.distributed, averaged).
+    grads.write(aggregation, shared, feature_list, scale_task_params, retain_graph, trunk_mean)
     losses_record = aggregation.losses if aggregation.losses is not None else losses64
     return StepRecord(
         names, aggregation.weights, aggregation.gram, aggregation.skipped, losses_record

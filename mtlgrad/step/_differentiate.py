@@ -125,11 +125,13 @@ class TaskGradients:
         features: Sequence[Tensor] | None,
         scale_task_params: bool,
         retain_graph: bool,
+        trunk_mean: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
     ) -> None:
-        """Stage 3: the heads' and the shared parameters' ``.grad``."""
+        """Stage 3: the heads' and the shared parameters' ``.grad`` (``trunk_mean``: under
+        torch.distributed with ``features``, averages the trunk's gradients over the ranks)."""
         from mtlgrad.step._write import write
 
-        write(self, aggregation, shared, features, scale_task_params, retain_graph)
+        write(self, aggregation, shared, features, scale_task_params, retain_graph, trunk_mean)
 
     def unreached_tasks(self) -> list[int]:
         """Tasks whose loss reaches none of the reached inputs (their shared gradient is 0)."""

@@ -15,9 +15,17 @@ headers. Before any bulk transfer, every rank compares a header (task count, tas
 level's layout, the aggregator's generator): a difference raises the same
 :class:`DistributedMismatchError` on every rank, never a hang.
 
+With ``features=`` (Gram-based methods), nothing of size P crosses the ranks before the
+aggregation: each rank's features hold its own samples, so the global batch's task gradients at
+the features are the ranks' side by side (each divided by the number of ranks, the global loss
+being the mean of the ranks' mean losses), and their Gram matrix is the sum of the ranks' Gram
+matrices over the squared rank count: one T x T all-reduce. Every rank then computes the same
+weights, combines its own features' gradients, backpropagates them through its trunk, and the
+trunk's gradients are averaged over the ranks (one all-reduce of P, as DDP does).
+
 Not exact, hence refused with an error on every rank: the Gram engine (G of the averaged
-gradients needs the cross-rank products) and ``features=`` (its final backward would go through
-DDP's reducer, or through nothing).
+gradients needs the cross-rank products), and ``features=`` with an elementwise method (it needs
+every rank's feature gradients).
 """
 
 from __future__ import annotations
@@ -101,9 +109,18 @@ class Replicated:
         )
 
     def check_step(
-        self, names: Sequence[str], level: Sequence[Tensor], aggregator: Any, scale: float | None
+        self,
+        names: Sequence[str],
+        level: Sequence[Tensor],
+        aggregator: Any,
+        scale: float | None,
+        features: bool = False,
     ) -> None:
-        layout = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in level)
+        # The features hold each rank's own samples: their shapes may differ (a shorter last
+        # batch), their count and dtypes may not.
+        layout = ";".join(
+            (f"{t.dtype}" if features else f"{tuple(t.shape)}:{t.dtype}") for t in level
+        )
         generator = getattr(aggregator, "generator", None)
         state = (
             0 if generator is None else _fingerprint(generator.get_state().numpy().tobytes().hex())
@@ -154,7 +171,9 @@ class Replicated:
                 offset += n
         return result  # type: ignore[return-value]
 
-    def check_supported(self, engine: Any, features: Sequence[Tensor] | None) -> None:
+    def check_supported(
+        self, engine: Any, features: Sequence[Tensor] | None, aggregator: Any
+    ) -> None:
         """What replicated mode cannot make exact: refused on every rank (the same settings
         everywhere make the same error everywhere)."""
         from mtlgrad.step._gram_engine import GramEngine
@@ -166,17 +185,24 @@ class Replicated:
                 "products between ranks); use engine='loop' or engine='batched', which average "
                 "each task's gradients over the ranks"
             )
-        if features is not None:
+        from mtlgrad.aggregators import GramAggregator
+
+        if features is not None and not isinstance(aggregator, GramAggregator):
             raise NotImplementedError(
-                "mtlgrad.backward under torch.distributed (more than one rank): features= is not "
-                "supported yet; leave it out (engine='loop' or 'batched' average each task's "
-                "gradients of the shared parameters over the ranks)"
+                "mtlgrad.backward under torch.distributed (more than one rank): features= needs "
+                f"a Gram-based method, and {type(aggregator).__name__} is elementwise (it would "
+                "need every rank's feature gradients); leave features= out, and each task's "
+                "gradients of the shared parameters are averaged over the ranks"
             )
 
-    def average(self, grads: Any, level: Sequence[Tensor], losses: Tensor) -> Tensor:
-        """Averages the step in place over the ranks: the shared level's per-task gradients now,
-        the heads' when the write stage asks for them; returns the averaged losses."""
-        self.average_level(grads, level)
+    def average(
+        self, grads: Any, level: Sequence[Tensor], losses: Tensor, features: bool = False
+    ) -> Tensor:
+        """Averages the step in place over the ranks: the shared level's per-task gradients now
+        (not the features': each rank keeps its own), the heads' when the write stage asks for
+        them; returns the averaged losses."""
+        if not features:
+            self.average_level(grads, level)
         grads.map_heads(self.average_heads)
         return self.average_losses(losses)
 
@@ -210,3 +236,58 @@ class Replicated:
 
     def average_losses(self, losses: Tensor) -> Tensor:
         return self.mean([losses])[0]
+
+    # ---- features=: one T x T all-reduce ------------------------------------------------------
+
+    def aggregate_features(
+        self,
+        aggregator: Any,
+        grads: Any,
+        features: Sequence[Tensor],
+        losses: Tensor,
+        scale: float | None,
+        check_finite: bool,
+    ) -> Any:
+        """The aggregation at the features of the global batch: G summed over the ranks (over
+        the squared rank count), the same weights everywhere, this rank's features' update."""
+        from mtlgrad.aggregators import Aggregation
+        from mtlgrad.aggregators._base import checked_gram_on_host, combine_into, gram_with_flags
+
+        T = len(grads.names)
+        flat = grads.task_major(features)
+        G, flags = gram_with_flags(flat, T)
+        G = G.clone()
+        dist.all_reduce(G, group=self.group)
+        G.div_(self.world * self.world)
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        names = [f"features[{k}]" for k in grads.reached]
+        G_host, losses_host = checked_gram_on_host(
+            G,
+            flags,
+            losses,
+            names=names,
+            task_names=grads.names,
+            scale=scale,
+            check_finite=check_finite,
+        )
+        if G_host is None:  # an overflow on some rank: every rank skips the step
+            return Aggregation([], None, None, skipped=True, losses=losses_host)
+        w = aggregator._weights_by_name(G_host, losses_host, grads.names)
+        device = flat[0].device if flat else w.device
+        out = combine_into(flat, T, w.to(device), None, False)
+        return Aggregation(out, w, G_host, losses=losses_host)
+
+    def mean_present(
+        self, tensors: list[Tensor | None], like: Sequence[Tensor]
+    ) -> list[Tensor | None]:
+        """The average over the ranks of gradients that some ranks may lack (``None``: zeros
+        there); ``None`` where no rank has one."""
+        present = torch.tensor([t is not None for t in tensors], dtype=torch.int32)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        keep = present.nonzero().flatten().tolist()
+        filled = [tensors[k] if tensors[k] is not None else torch.zeros_like(like[k]) for k in keep]
+        result: list[Tensor | None] = [None] * len(tensors)
+        for k, g in zip(keep, self.mean(filled)):
+            result[k] = g
+        return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -93,6 +93,7 @@ def write(
     features: Sequence[Tensor] | None,
     scale_task_params: bool,
     retain_graph: bool,
+    trunk_mean: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
 ) -> None:
     """The heads, then the shared ``.grad`` (the aggregation added into the existing tensors;
     here the parameters that had none get theirs, or the features' update goes through the
@@ -109,13 +110,24 @@ def write(
     elif aggregation.skipped:
         for p in shared:
             accumulate_grad(p, torch.full_like(p, float("nan")))
-    elif grads.reached:
+    elif grads.reached and trunk_mean is None:
         torch.autograd.backward(
             [features[k] for k in grads.reached],
             grad_tensors=aggregation.out,
             inputs=list(shared),
             retain_graph=retain_graph,
         )
+    elif grads.reached:  # this rank's share of the trunk's gradient, averaged over the ranks
+        trunk = torch.autograd.grad(
+            [features[k] for k in grads.reached],
+            list(shared),
+            grad_outputs=aggregation.out,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        for p, g in zip(shared, trunk_mean(list(trunk))):
+            if g is not None:
+                accumulate_grad(p, g)
 
 
 def accumulate_grad(param: Tensor, grad: Tensor) -> None:
