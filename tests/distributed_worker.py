@@ -36,7 +36,8 @@ def make_aggregator(name: str):
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        # 106 shared parameters: sharded mode pads them for every world size tested.
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 8), nn.Tanh())
         self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(TASKS))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -57,7 +58,9 @@ def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, t
     return {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
 
 
-def train(name: str, engine: str, world: int, rank: int | None, ddp: bool) -> list[torch.Tensor]:
+def train(
+    name: str, engine: str, world: int, rank: int | None, ddp: bool, mode: str = "replicated"
+) -> list[torch.Tensor]:
     """STEPS steps of MTLOptimizer; ``rank`` None: one process on the global batch."""
     torch.manual_seed(0)
     net = Net().double()
@@ -67,6 +70,7 @@ def train(name: str, engine: str, world: int, rank: int | None, ddp: bool) -> li
         make_aggregator(name),
         shared_params=net.trunk.parameters(),
         engine=engine,
+        distributed=mode,
     )
     for step in range(STEPS):
         x, y = batch(step, world)
@@ -117,6 +121,37 @@ def scenario_equivalence(world: int, rank: int, port: int) -> None:
             dist.all_gather(gathered, flat)
             assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
             print(f"ok {method} {engine} ddp={ddp}", flush=True)
+
+
+def scenario_sharded(world: int, rank: int, port: int) -> None:
+    """Sharded mode: reduce-scatter, T x T all-reduce, all-gather; the step of one process."""
+    references = {m: train(m, "loop", world, None, False) for m in METHODS}
+    init(world, rank, port)
+    for method, reference in references.items():
+        for ddp in (False, True):
+            params = train(method, "loop", world, rank, ddp, mode="sharded")
+            for p, q in zip(params, reference):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+            flat = torch.cat([p.reshape(-1) for p in params])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            print(f"ok sharded {method} ddp={ddp}", flush=True)
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = batch(0, world)
+    try:
+        mtlgrad.backward(
+            losses_of(net, x, y),
+            shared_params=net.trunk.parameters(),
+            aggregator=GradDrop(),
+            distributed="sharded",
+        )
+    except NotImplementedError as error:
+        assert "GradDrop is elementwise" in str(error), str(error)
+        print("ok elementwise refused", flush=True)
+        return
+    raise AssertionError("GradDrop ran in sharded mode")
 
 
 def scenario_task_counts_differ(world: int, rank: int, port: int) -> None:
@@ -328,6 +363,7 @@ def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
 
 
 SCENARIOS = {
+    "sharded": scenario_sharded,
     "features": scenario_features,
     "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,

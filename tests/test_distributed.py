@@ -66,6 +66,13 @@ def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_sharded_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
+    for out in launch("sharded", world, timeout=300):
+        assert out.count("ok sharded") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
+        assert "ok elementwise refused" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_features_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
     for out in launch("features", world, timeout=300):
         assert out.count("ok features") == 6 * 2, out[-2000:]  # methods x (plain, DDP)

@@ -13,6 +13,7 @@ from mtlgrad.aggregators import Aggregator, GramAggregator
 from mtlgrad.step import ENGINES, GradientAccumulator, GramEngine, StepRecord, backward
 from mtlgrad.step._checks import named_losses
 from mtlgrad.step._differentiate import partition
+from mtlgrad.step._distributed import MODES
 from mtlgrad.step._reach import check_features_reached, check_shared_below_features
 
 __all__ = ["MTLOptimizer"]
@@ -66,6 +67,8 @@ class MTLOptimizer(torch.optim.Optimizer):
         process_group: under ``torch.distributed``, the ranks holding replicas (default: the
             world group when it has more than one rank); each task's gradients are averaged over
             them before the aggregation (see :func:`mtlgrad.backward`).
+        distributed: with several ranks, ``"replicated"`` or ``"sharded"`` (see
+            :func:`mtlgrad.backward`).
         check_finite: raise for a NaN or Inf task gradient (default); ``False`` lets them
             propagate into ``.grad`` and removes the step's host-side check (see
             :func:`mtlgrad.backward`).
@@ -84,6 +87,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         scale_task_params: bool = False,
         batch_size: int | None = None,
         process_group: Any = None,
+        distributed: str = "replicated",
         check_finite: bool = True,
     ) -> None:
         from mtlgrad.nn import MultiTaskModule
@@ -148,6 +152,11 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.scale_task_params = scale_task_params
         self.batch_size = batch_size
         self.process_group = process_group
+        if distributed not in MODES:
+            raise ValueError(
+                f"distributed must be one of {', '.join(map(repr, MODES))}, got {distributed!r}"
+            )
+        self.distributed = distributed
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.check_finite = check_finite
@@ -288,6 +297,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             scale_task_params=self.scale_task_params,
             batch_size=self.batch_size,
             process_group=self.process_group,
+            distributed=self.distributed,
             accumulator=self.accumulator if (len(self.accumulator) or not aggregate) else None,
             aggregate=aggregate,
             check_finite=self.check_finite,

@@ -22,7 +22,7 @@ from mtlgrad.step._checks import (
     task_parameters,
 )
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
-from mtlgrad.step._distributed import replicated
+from mtlgrad.step._distributed import ranks_of
 from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._reach import (
     check_features_reached,
@@ -48,6 +48,7 @@ def backward(
     batch_size: int | None = None,
     retain_graph: bool = False,
     process_group: Any = None,
+    distributed: str = "replicated",
     accumulator: GradientAccumulator | None = None,
     aggregate: bool = True,
     check_finite: bool = True,
@@ -92,6 +93,11 @@ def backward(
             one rank). Each task's gradients, the heads' gradients and the losses are averaged
             over them before the aggregation, so that every rank computes the same update, that
             of one process on the global batch (:mod:`mtlgrad.step._distributed`).
+        distributed: with several ranks, ``"replicated"`` (each task's gradients all-reduced,
+            every rank aggregates all of them) or ``"sharded"`` (reduce-scattered: each rank
+            aggregates one shard, G from one T x T all-reduce, the update all-gathered: T·P + P
+            sent instead of an all-reduce of T·P; Gram-based methods, one dtype). With
+            ``features`` both send the T x T Gram matrix only.
         accumulator: a :class:`~mtlgrad.step.GradientAccumulator`: this micro-batch's per-task
             gradients are added to it, and the aggregation (with ``aggregate=True``) is that of
             the sums, as for one step on all the accumulated micro-batches.
@@ -134,7 +140,9 @@ def backward(
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
     scaled = values if scale is None else [scaler.scale(v) for v in values]  # type: ignore[union-attr]
     level = shared if feature_list is None else feature_list
-    ranks = replicated(process_group) if aggregate else None
+    ranks = ranks_of(process_group, distributed)
+    if not aggregate:
+        ranks = None  # accumulating only: nothing is sent
     if ranks is not None:
         ranks.check_supported(engine, feature_list, aggregator)
         ranks.check_step(names, level, aggregator, scale, features=feature_list is not None)
@@ -173,6 +181,10 @@ def backward(
             aggregator, grads, feature_list, losses64, scale, check_finite
         )
         trunk_mean = lambda trunk: ranks.mean_present(trunk, shared)  # noqa: E731
+    elif ranks is not None and ranks.sharded:  # each rank aggregates its shard of every task
+        aggregation = ranks.aggregate_sharded(
+            aggregator, grads, shared, losses64, scale, check_finite
+        )
     else:
         aggregation = grads.aggregate(
             aggregator,

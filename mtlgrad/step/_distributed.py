@@ -38,7 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistributedMismatchError", "Replicated", "replicated"]
+from mtlgrad import ops
+
+__all__ = ["MODES", "DistributedMismatchError", "Ranks", "ranks_of"]
+
+#: How the ranks share the aggregation (``distributed=`` of :func:`~mtlgrad.backward`).
+MODES = ("replicated", "sharded")
 
 # Elements per all-reduce: large enough to keep the link busy, small enough that the buckets
 # overlap one another.
@@ -49,27 +54,32 @@ class DistributedMismatchError(ValueError):
     """The ranks disagree on what the step computes (tasks, gradient layout, random state)."""
 
 
-def replicated(process_group: Any = None) -> Replicated | None:
-    """Replicated mode over ``process_group`` (default: the world group when torch.distributed
-    is initialised), or None with a single rank."""
+def ranks_of(process_group: Any = None, mode: str = "replicated") -> Ranks | None:
+    """The step's ranks over ``process_group`` (default: the world group when torch.distributed
+    is initialised) in ``mode``, or None with a single rank."""
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         process_group = dist.group.WORLD
     if dist.get_world_size(process_group) < 2:
         return None
-    return Replicated(process_group)
+    return Ranks(process_group, sharded=mode == "sharded")
 
 
 def _fingerprint(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-class Replicated:
-    """Averages the per-task gradients, the heads' gradients and the losses over the ranks."""
+class Ranks:
+    """The communication of one step: averages of the per-task gradients (replicated mode) or
+    their reduce-scatter (sharded mode), of the heads' gradients and of the losses; the T x T
+    all-reduce of the features' Gram matrix."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, sharded: bool = False) -> None:
         self.group = group
+        self.sharded = sharded
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
@@ -187,6 +197,12 @@ class Replicated:
             )
         from mtlgrad.aggregators import GramAggregator
 
+        if self.sharded and features is None and not isinstance(aggregator, GramAggregator):
+            raise NotImplementedError(
+                "mtlgrad.backward(distributed='sharded'): sharded mode needs a Gram-based "
+                f"method, and {type(aggregator).__name__} is elementwise; use "
+                "distributed='replicated'"
+            )
         if features is not None and not isinstance(aggregator, GramAggregator):
             raise NotImplementedError(
                 "mtlgrad.backward under torch.distributed (more than one rank): features= needs "
@@ -201,7 +217,7 @@ class Replicated:
         """Averages the step in place over the ranks: the shared level's per-task gradients now
         (not the features': each rank keeps its own), the heads' when the write stage asks for
         them; returns the averaged losses."""
-        if not features:
+        if not features and not self.sharded:  # sharded: reduce-scattered at the aggregation
             self.average_level(grads, level)
         grads.map_heads(self.average_heads)
         return self.average_losses(losses)
@@ -291,3 +307,97 @@ class Replicated:
         for k, g in zip(keep, self.mean(filled)):
             result[k] = g
         return result
+
+    # ---- sharded mode: reduce-scatter, T x T all-reduce, all-gather --------------------------
+
+    def aggregate_sharded(
+        self,
+        aggregator: Any,
+        grads: Any,
+        shared: Sequence[Tensor],
+        losses: Tensor,
+        scale: float | None,
+        check_finite: bool,
+    ) -> Any:
+        """Sharded mode: the per-task gradients reduce-scattered (each rank keeps one contiguous
+        shard of every task's rank-averaged gradient), G from the shards and one T x T
+        all-reduce, the same weights everywhere, each rank's shard of the update combined, and
+        one all-gather of the update, added into the shared ``.grad``."""
+        from mtlgrad.aggregators import Aggregation
+        from mtlgrad.aggregators._base import checked_gram_on_host, gram_with_flags
+
+        T = len(grads.names)
+        reached = self.reached_union(grads, shared)
+        params = [shared[k] for k in reached]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise NotImplementedError(
+                "mtlgrad.backward(distributed='sharded'): the shared parameters have several "
+                f"dtypes ({sorted(map(str, dtypes))}); sharded mode packs them in one buffer. "
+                "Use distributed='replicated'"
+            )
+        dtype = params[0].dtype if params else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        sizes = [p.numel() for p in params]
+        P = sum(sizes)
+        chunk = -(-P // self.world)  # ceil: the buffer is padded to world x chunk
+        # Rank-major: buffer[r, t] is task t's gradient on shard r, so that the reduce-scatter
+        # (which splits its input along the first dimension) leaves rank r shard r of every task.
+        buffer = torch.zeros(self.world, T, chunk, dtype=dtype, device=device)
+        for t in range(T):
+            flat = torch.zeros(self.world * chunk, dtype=dtype, device=device)
+            offset = 0
+            for k, n in zip(reached, sizes):
+                g = grads.level[t][k]
+                if g is not None:
+                    flat[offset : offset + n] = g.reshape(-1)
+                offset += n
+            buffer[:, t, :] = flat.view(self.world, chunk)
+            grads.level[t] = [None] * len(grads.level[t])  # in the buffer now: free them
+        shard = torch.empty(T, chunk, dtype=dtype, device=device)
+        dist.reduce_scatter_tensor(shard, buffer.reshape(self.world * T, chunk), group=self.group)
+        del buffer
+        shard.div_(self.world)
+        rows = list(shard.unbind(0))
+        G, flags = gram_with_flags(rows, T)
+        dist.all_reduce(G, group=self.group)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        G_host, losses_host = checked_gram_on_host(
+            G,
+            flags,
+            losses,
+            names=[f"shard {self.rank} of the shared parameters"],
+            task_names=grads.names,
+            scale=scale,
+            check_finite=check_finite,
+        )
+        update = torch.empty(self.world * chunk, dtype=dtype, device=device)
+        if G_host is None:  # an overflow on some rank: every rank skips the step (NaN update)
+            w = None
+            update.fill_(float("nan"))
+        else:
+            w = aggregator._weights_by_name(G_host, losses_host, grads.names)
+            update_shard = ops.combine(rows, T, w.to(device))[0]
+            dist.all_gather_into_tensor(update, update_shard, group=self.group)
+        out = []
+        offset = 0
+        for p, n in zip(params, sizes):
+            d = update[offset : offset + n].view(p.shape)
+            offset += n
+            if p.grad is not None:
+                p.grad.add_(d)
+                out.append(p.grad)
+            else:
+                out.append(d.clone())
+        return Aggregation(out, w, G_host, skipped=G_host is None, losses=losses_host)
+
+    def reached_union(self, grads: Any, level: Sequence[Tensor]) -> list[int]:
+        """The inputs of the shared level that some task reaches on some rank (the step's
+        ``reached``, made the same on every rank)."""
+        K = len(level)
+        mask = torch.tensor(
+            [any(g[k] is not None for g in grads.level) for k in range(K)], dtype=torch.int32
+        )
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
+        grads.reached = mask.nonzero().flatten().tolist()
+        return grads.reached
