@@ -89,6 +89,11 @@ def test_features_leaving_ddp_with_the_outputs_are_an_error() -> None:
     assert out.count("ok refused") == 2, out[-2000:]
 
 
+def test_the_optimizer_state_round_trips_through_distributed_checkpoint() -> None:
+    for out in launch("dcp", 2, timeout=180):
+        assert "ok resumed bit-identically" in out, out[-2000:]
+
+
 def test_task_counts_that_differ_raise_on_every_rank() -> None:
     for out in launch("task_counts_differ", 2, timeout=120):
         assert "ok raised" in out and "tasks: rank 0: 3, rank 1: 2" in out, out
