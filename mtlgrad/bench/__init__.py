@@ -1,6 +1,7 @@
-"""``mtlgrad bench``: the benchmarks of the kernels, the aggregators and the training step.
+"""``mtlgrad bench``: the benchmarks of the kernels, the aggregators, the training step and the
+distributed step.
 
-    mtlgrad bench kernels|aggregators|step|all [--device cpu|cuda] [--quick] [--out DIR]
+    mtlgrad bench kernels|aggregators|step|distributed|all [--device cpu|cuda] [--quick] [--out DIR]
 
 One harness for all of them (``mtlgrad.bench._harness``): warm-up, repetitions, the median
 with the fastest and the slowest repetition, inputs rotated over enough copies that the caches do
@@ -24,14 +25,14 @@ from typing import Any
 
 __all__ = ["SIZES", "SUITES", "configure_parser", "execute", "run"]
 
-SUITES = ("kernels", "aggregators", "step")
+SUITES = ("kernels", "aggregators", "step", "distributed")
 SIZES = ("full", "quick", "tiny")
 DEFAULT_OUT = "mtlgrad-bench-results"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "suite", choices=[*SUITES, "all"], help="what to benchmark ('all': the three in turn)"
+        "suite", choices=[*SUITES, "all"], help="what to benchmark ('all': every suite in turn)"
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
@@ -57,6 +58,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _configs(size: str, repeat: int | None) -> dict[str, Any]:
     from mtlgrad.bench._aggregators import AggregatorConfig
+    from mtlgrad.bench._distributed import DistributedConfig
     from mtlgrad.bench._kernels import KernelConfig
     from mtlgrad.bench._step import StepConfig
 
@@ -64,6 +66,7 @@ def _configs(size: str, repeat: int | None) -> dict[str, Any]:
         "kernels": KernelConfig.for_size(size),
         "aggregators": AggregatorConfig.for_size(size),
         "step": StepConfig.for_size(size),
+        "distributed": DistributedConfig.for_size(size),
     }
     if repeat is not None:
         for config in configs.values():
@@ -136,9 +139,14 @@ def execute(
 
     With ``progress``, a tqdm bar counts the measurements on stderr when stderr is a terminal
     (never in a log file or a pipe)."""
-    from mtlgrad.bench import _aggregators, _harness, _kernels, _peers, _step
+    from mtlgrad.bench import _aggregators, _distributed, _harness, _kernels, _peers, _step
 
-    modules = {"kernels": _kernels, "aggregators": _aggregators, "step": _step}
+    modules = {
+        "kernels": _kernels,
+        "aggregators": _aggregators,
+        "step": _step,
+        "distributed": _distributed,
+    }
     unknown = sorted(set(suites) - set(modules))
     if unknown:
         raise ValueError(f"unknown benchmark suites {unknown}; choose from {list(SUITES)}")
