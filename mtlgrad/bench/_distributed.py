@@ -85,6 +85,7 @@ class CollectiveCounter:
 
     def __init__(self) -> None:
         self.payload: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
         self._saved: dict[str, Any] = {}
 
     def __enter__(self) -> CollectiveCounter:
@@ -100,6 +101,7 @@ class CollectiveCounter:
                 else:
                     size = tensor.numel() * tensor.element_size()
                 self.payload[name] = self.payload.get(name, 0) + size
+                self.calls[name] = self.calls.get(name, 0) + 1
                 return fn(*args, **kwargs)
 
             return counted
@@ -211,7 +213,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any] | None:
         "times": times,
         "payload_bytes": sum(counter.payload.values()),
         "ring_bytes": counter.ring_bytes(world),
-        "calls": counter.payload,
+        "payload_by_collective": counter.payload,
+        "calls": counter.calls,
     }
 
 
@@ -261,6 +264,7 @@ COLUMNS = [
     Column("payload_mib", "payload MiB", "ratio"),
     Column("ring_mib", "ring MiB per rank", "ratio"),
     Column("ring_over_tp", "ring / T·P", "ratio"),
+    Column("collectives", "calls in one step"),
     Column("flags", "flags"),
 ]
 
@@ -280,7 +284,7 @@ def run(
     table = Table(
         "distributed",
         f"One training step under torch.distributed (gloo on loopback, CPU, one thread per "
-        f"rank): UPGrad, T={T} heads on a residual MLP trunk of P={P / 1e6:.2f}M, batch "
+        f"rank): UPGrad, T={T} heads on a residual MLP trunk of P={P:,} parameters, batch "
         f"{config.batch} per rank",
         COLUMNS,
         notes=[
@@ -312,7 +316,9 @@ def run(
             row["payload_mib"] = r["payload_bytes"] / 2**20
             row["ring_mib"] = r["ring_bytes"] / 2**20
             row["ring_over_tp"] = r["ring_bytes"] / tp_bytes
-            row["calls"] = r["calls"]
+            row["collectives"] = ", ".join(
+                f"{name} x{calls}" for name, calls in sorted(r["calls"].items())
+            )
             row["flags"] = flags({"": timing})
             table.rows.append(row)
     return [table]

@@ -597,8 +597,10 @@ class TaskGram:
         features: Sequence[Tensor] | None,
         scale_task_params: bool,
         retain_graph: bool,
+        trunk_mean: Any = None,
     ) -> None:
-        """The heads, then one backward of ``Σ_t w_t L_t`` into the reached shared ``.grad``."""
+        """The heads, then one backward of ``Σ_t w_t L_t`` into the reached shared ``.grad``
+        (``trunk_mean`` is for the features under torch.distributed, which this engine refuses)."""
         from mtlgrad.step._write import accumulate_grad
 
         stacked = torch.stack([loss.reshape(()) for loss in self.losses])
