@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import warnings
@@ -499,3 +500,26 @@ def test_integration_is_not_imported_by_mtlgrad() -> None:
         "assert 'lightning' not in sys.modules, 'lightning imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ddp_strategy_keeps_the_replicas_identical() -> None:
+    """``strategy="ddp"`` with 2 CPU processes (gloo), each on its own shard of the data:
+    mtl_step's MTLOptimizer averages each task's gradients over the ranks, so the replicas end
+    identical (without it they drift apart)."""
+    worker = Path(__file__).with_name("lightning_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(worker), "2"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=worker.parent,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("Lightning's ddp strategy did not finish within 600 s (a hang)")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for rank in (0, 1):
+        assert f"ok replicas identical (rank {rank})" in output, output[-4000:]

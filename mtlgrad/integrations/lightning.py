@@ -274,14 +274,10 @@ def _check_module(module: pl.LightningModule) -> pl.Trainer:
             "Lightning's automatic optimisation, which would run another: set "
             "self.automatic_optimization = False in its __init__"
         )
-    trainer = module.trainer  # raises when not attached to a Trainer
-    if trainer.world_size > 1:
-        raise NotImplementedError(
-            f"mtl_step runs on one device; this Trainer has {trainer.world_size} processes "
-            f"({type(trainer.strategy).__name__}), whose gradient synchronisation does not see "
-            "mtlgrad's per-task gradients"
-        )
-    return trainer
+    # Under a DDP strategy (several processes) the MTLOptimizer's step averages each task's
+    # gradients over the world group itself (replicated mode): DDP's own synchronisation is
+    # never triggered, and the replicas stay one model.
+    return module.trainer  # raises when not attached to a Trainer
 
 
 def _find_optimizer(
