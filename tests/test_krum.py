@@ -90,7 +90,9 @@ def test_permutation_moves_the_selection_with_the_tasks() -> None:
     for k in range(5):
         perm = torch.randperm(8, generator=gen(k))
         agg = Krum(2, 3)
-        torch.testing.assert_close(agg.weights((J @ J.T)[perm][:, perm]), agg.weights(J @ J.T)[perm])
+        torch.testing.assert_close(
+            agg.weights((J @ J.T)[perm][:, perm]), agg.weights(J @ J.T)[perm]
+        )
         torch.testing.assert_close(agg(J[perm]), agg(J), rtol=1e-12, atol=0)
 
 
@@ -126,7 +128,9 @@ def test_bad_arguments() -> None:
         Krum(0, 0)
     with pytest.raises(ValueError, match=r"n_byzantine \+ 3 = 5 tasks .* got 4"):
         Krum(2)(torch.randn(4, 5))
-    with pytest.raises(ValueError, match=r"n_selected=5\) averages n_selected gradients but got only 4"):
+    with pytest.raises(
+        ValueError, match=r"n_selected=5\) averages n_selected gradients but got only 4"
+    ):
         Krum(0, 5)(torch.randn(4, 5))
     with pytest.raises(ValueError, match="NaN or Inf"):
         Krum(0).weights(torch.full((3, 3), float("nan"), dtype=torch.float64))

@@ -11,8 +11,7 @@ from aggregator_checks import (
 )
 
 from mtlgrad import ops
-from mtlgrad.aggregators import TrimmedMean
-from mtlgrad.aggregators import _trimmed_mean
+from mtlgrad.aggregators import TrimmedMean, _trimmed_mean
 
 
 def gen(seed: int) -> torch.Generator:
@@ -65,7 +64,9 @@ def test_task_major_lists_chunks_outputs_and_accumulate(monkeypatch: pytest.Monk
     # Several tensors per task, chunks smaller than a tensor, out= and accumulate=.
     monkeypatch.setattr(_trimmed_mean, "_CHUNK_VALUES", 17)
     T, shapes = 5, [(3, 4), (10,), (2, 3, 5)]
-    grads = [torch.randn(s, generator=gen(10 * t + k)) for t in range(T) for k, s in enumerate(shapes)]
+    grads = [
+        torch.randn(s, generator=gen(10 * t + k)) for t in range(T) for k, s in enumerate(shapes)
+    ]
     K = len(shapes)
     expected = [
         reference_trimmed_mean(torch.stack([grads[t * K + k].reshape(-1) for t in range(T)]), 2)
