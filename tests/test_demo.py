@@ -338,7 +338,7 @@ def test_toy_refuses_constant(tmp_path, capsys):
     assert main(["demo", "toy", "--methods", "constant", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'constant'" in err
-    assert "constant: weights set for the multi-task problem's tasks" in err
+    assert "constant, krum, trimmedmean: set for the multi-task problem's five tasks" in err
 
 
 def test_scale_is_for_the_toy(tmp_path, capsys):

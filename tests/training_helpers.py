@@ -40,7 +40,8 @@ def batch(seed: int, tasks: int = 3, n: int = 32) -> tuple[torch.Tensor, torch.T
 
 
 def make_aggregator(cls: type, seed: int = 0, tasks: int = 3) -> GramAggregator:
-    """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad,
+    """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad, no
+    Byzantine task for Krum, UPGrad inside CRMOGM,
     distinct weights for the ``tasks`` tasks of Constant, a seeded generator for randomised
     ones."""
     params = inspect.signature(cls).parameters
@@ -51,6 +52,10 @@ def make_aggregator(cls: type, seed: int = 0, tasks: int = 3) -> GramAggregator:
         for name, value in required.items()
         if name in params and params[name].default is inspect.Parameter.empty
     }
+    if "n_byzantine" in params:  # Krum: no Byzantine task, so that 3 tasks suffice
+        kwargs["n_byzantine"] = 0
+    if "aggregator" in params:  # CRMOGM: smoothing UPGrad's weights
+        kwargs["aggregator"] = aggregators.UPGrad()
     if "generator" in params:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return cls(**kwargs)

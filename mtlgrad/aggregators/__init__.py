@@ -11,6 +11,7 @@ from mtlgrad.aggregators._cagrad import CAGrad
 from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._constant import Constant
 from mtlgrad.aggregators._cosine_gating import CosineGating
+from mtlgrad.aggregators._cr_mogm import CRMOGM
 from mtlgrad.aggregators._dualproj import DualProj
 from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._graddrop import GradDrop
@@ -18,12 +19,15 @@ from mtlgrad.aggregators._gradient_matching import GradientMatching
 from mtlgrad.aggregators._gradvac import GradVac
 from mtlgrad.aggregators._hydalearn import HydaLearn
 from mtlgrad.aggregators._imtlg import IMTLG
+from mtlgrad.aggregators._krum import Krum
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._mgda import MGDA
 from mtlgrad.aggregators._nash_mtl import NashMTL
+from mtlgrad.aggregators._pcd import PCD
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._rlw import RLW
 from mtlgrad.aggregators._sum import Sum
+from mtlgrad.aggregators._trimmed_mean import TrimmedMean
 from mtlgrad.aggregators._upgrad import UPGrad
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "ConFIG",
     "Constant",
     "CosineGating",
+    "CRMOGM",
     "DualProj",
     "FairGrad",
     "GradDrop",
@@ -42,11 +47,14 @@ __all__ = [
     "GramAggregator",
     "HydaLearn",
     "IMTLG",
+    "Krum",
     "Mean",
     "MGDA",
     "NashMTL",
+    "PCD",
     "PCGrad",
     "RLW",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
 ]

@@ -47,6 +47,9 @@ def _ours(name: str, T: int) -> Any:
         "CosineGating": lambda: ours.CosineGating(main=0),
         "HydaLearn": lambda: ours.HydaLearn(main=0),
         "GradientMatching": lambda: ours.GradientMatching(main=0),
+        "Krum": lambda: ours.Krum(n_byzantine=max(0, (T - 3) // 2), n_selected=1),
+        "TrimmedMean": lambda: ours.TrimmedMean(trim_number=(T - 1) // 4),
+        "CRMOGM": lambda: ours.CRMOGM(ours.UPGrad(reg_eps=1e-4)),
     }
     return factories.get(name, getattr(ours, name))()
 
@@ -71,8 +74,16 @@ _TORCHJD: dict[str, Callable[[Any, int], Any] | None] = {
     "CosineGating": None,
     "HydaLearn": None,
     "GradientMatching": None,
+    # Krum: the most Byzantine tasks the paper's guarantee allows (T > 2f + 2); TrimmedMean: a
+    # quarter of the tasks trimmed on each side.
+    "Krum": lambda jd, T: jd.Krum(n_byzantine=max(0, (T - 3) // 2), n_selected=1),
+    "TrimmedMean": lambda jd, T: jd.TrimmedMean(trim_number=(T - 1) // 4),
+    "PCD": lambda jd, T: jd.PCD(),
+    "CRMOGM": lambda jd, T: jd.GramianWeightedAggregator(jd.CRMOGMWeighting(jd.UPGradWeighting())),
 }
 METHODS = list(_TORCHJD)
+# Methods that need more tasks than some configurations have (Krum: a score needs a neighbour).
+_MIN_TASKS = {"Krum": 3}
 
 
 @dataclass
@@ -179,8 +190,9 @@ def _per_method(
         notes=[
             "times: medians of the repetitions; min / max: agg(J)'s fastest and slowest "
             "(every figure's are in the JSON); floor: the native gram + combine alone on the "
-            "same J, the floor of any Gram-based method (GradDrop is elementwise: not its "
-            "floor); TorchJD: the same method's aggregator on the same J",
+            "same J, the floor of any Gram-based method (GradDrop and TrimmedMean are "
+            "elementwise: not theirs); TorchJD: the same method's aggregator on the same J; "
+            "Krum needs T >= 3 (no row below)",
             FLAGS_NOTE,
         ],
     )
@@ -201,6 +213,9 @@ def _per_method(
         progress(f"aggregators T={T}: floor")
         t_floor = timer(floor)
         for name in config.methods:
+            if _MIN_TASKS.get(name, 1) > T:
+                progress(f"aggregators T={T}: {name} needs T >= {_MIN_TASKS[name]}, skipped")
+                continue
             agg = _ours(name, T)
             t_weights: Timing | None = None
             gram_based = hasattr(agg, "weights")

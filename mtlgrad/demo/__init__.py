@@ -30,7 +30,7 @@ DEFAULT_TOY_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nashmtl", "upgrad", 
 # Available by name (--methods), not run by default.
 BY_NAME_METHODS = (
     *("dualproj", "alignedmtl", "config", "gradvac", "graddrop", "rlw", "constant"),
-    *("gls", "stch"),
+    *("krum", "trimmedmean", "pcd", "crmogm", "gls", "stch"),
 )
 LOSS_WEIGHTINGS = ("uw", "gradnorm", "dwa", "famo", "gls", "stch")
 # (default, --quick) steps
@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         weightings = ", ".join(key for key, m in METHODS.items() if m.loss_based)
         others = ", ".join(key for key, m in METHODS.items() if not (m.toy or m.loss_based))
         hint = (
-            f" ({weightings}: loss weightings; {others}: weights set for the multi-task "
-            "problem's tasks; not run on the toy)"
+            f" ({weightings}: loss weightings; {others}: set for the multi-task problem's five "
+            "tasks (Constant's weights, Krum's and TrimmedMean's outlier counts), the toy has "
+            "two; not run on the toy)"
             if toy
             else ""
         )

@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 
 from mtlgrad.aggregators import (
+    CRMOGM,
     IMTLG,
     MGDA,
+    PCD,
     RLW,
     Aggregator,
     AlignedMTL,
@@ -20,10 +22,12 @@ from mtlgrad.aggregators import (
     DualProj,
     GradDrop,
     GradVac,
+    Krum,
     Mean,
     NashMTL,
     PCGrad,
     Sum,
+    TrimmedMean,
     UPGrad,
 )
 from mtlgrad.demo._problem import DemoModel, Task
@@ -140,6 +144,12 @@ METHODS = {
         Method("graddrop", "GradDrop", lambda seed: GradDrop(generator=_seeded(seed))),
         Method("rlw", "RLW", lambda seed: RLW(generator=_seeded(seed))),
         Method("constant", "Constant", lambda seed: Constant(CONSTANT_WEIGHTS), toy=False),
+        # Robust aggregation (5 tasks: one may be an outlier), PCD (task 0 primary), and UPGrad's
+        # weights smoothed across steps.
+        Method("krum", "Krum", lambda seed: Krum(n_byzantine=1, n_selected=2), toy=False),
+        Method("trimmedmean", "TrimmedMean", lambda seed: TrimmedMean(trim_number=1), toy=False),
+        Method("pcd", "PCD", lambda seed: PCD()),
+        Method("crmogm", "CR-MOGM", lambda seed: CRMOGM(UPGrad())),
         Method("gradnorm", "GradNorm", make_weighting=_gradnorm, weighting_lr=GRADNORM_LR),
         Method("dwa", "DWA", make_weighting=_dwa),
         Method("famo", "FAMO", make_weighting=_famo),
