@@ -11,7 +11,9 @@ from mtlgrad.aggregators._cagrad import CAGrad
 from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._constant import Constant
 from mtlgrad.aggregators._cosine_gating import CosineGating
+from mtlgrad.aggregators._db_mtl import DBMTL
 from mtlgrad.aggregators._dualproj import DualProj
+from mtlgrad.aggregators._excess_mtl import ExcessMTL
 from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._graddrop import GradDrop
 from mtlgrad.aggregators._gradient_matching import GradientMatching
@@ -20,6 +22,7 @@ from mtlgrad.aggregators._hydalearn import HydaLearn
 from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._mgda import MGDA
+from mtlgrad.aggregators._moco import MoCo
 from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._rlw import RLW
@@ -34,7 +37,9 @@ __all__ = [
     "ConFIG",
     "Constant",
     "CosineGating",
+    "DBMTL",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "GradDrop",
     "GradientMatching",
@@ -44,6 +49,7 @@ __all__ = [
     "IMTLG",
     "Mean",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "RLW",

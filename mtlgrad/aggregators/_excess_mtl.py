@@ -90,7 +90,7 @@ class ExcessMTL(TaskStateAggregator):
         K = len(grads) // num_tasks
         root_eps = ADAGRAD_EPS**0.5
         sums = []
-        for i, (g, r) in enumerate(zip(grads, self._root_sum_squares)):
+        for g, r in zip(grads, self._root_sum_squares):
             g = g.detach().to(r.dtype)
             if inv_scale != 1.0:
                 g = g * inv_scale

@@ -56,9 +56,9 @@ class TaskStateAggregator(Aggregator):
         task_names: Sequence[str] | None,
     ) -> tuple[list[Tensor], Tensor]:
         """Updates the state from the gradients (multiply them by ``inv_scale`` to unscale) and
-        returns the task-major tensors to combine and their float64 CPU weights (``G`` is the unscaled
-        gradients' float64 Gram matrix, ``losses`` the float64 losses): ``grads``
-        itself (the list passed in), or unscaled tensors of the state."""
+        returns the task-major tensors to combine and their float64 CPU weights (``G`` is the
+        unscaled gradients' float64 Gram matrix, ``losses`` the float64 losses): ``grads`` itself
+        (the list passed in), or unscaled tensors of the state."""
 
     def aggregate(
         self,
