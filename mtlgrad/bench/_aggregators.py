@@ -47,8 +47,24 @@ def _ours(name: str, T: int) -> Any:
         "CosineGating": lambda: ours.CosineGating(main=0),
         "HydaLearn": lambda: ours.HydaLearn(main=0),
         "GradientMatching": lambda: ours.GradientMatching(main=0),
+        "DBMTL": lambda: _WithLosses(ours.DBMTL()),
     }
     return factories.get(name, getattr(ours, name))()
+
+
+class _WithLosses:
+    """A method that needs the task losses (DB-MTL), timed with losses of 1 (the timing does not
+    depend on their values)."""
+
+    def __init__(self, aggregator: Any) -> None:
+        self.aggregator = aggregator
+
+    def __call__(self, J: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(list(J.unbind(0)), J.shape[0]).out[0]
+
+    def aggregate(self, grads: list[torch.Tensor], T: int, out: Any = None) -> Any:
+        losses = torch.ones(T, dtype=torch.float64)
+        return self.aggregator.aggregate(grads, T, out, losses=losses)
 
 
 # method -> TorchJD's aggregator of the same method for T tasks (None: TorchJD has none)
@@ -71,6 +87,9 @@ _TORCHJD: dict[str, Callable[[Any, int], Any] | None] = {
     "CosineGating": None,
     "HydaLearn": None,
     "GradientMatching": None,
+    "ExcessMTL": lambda jd, T: jd.ExcessMTL(),
+    "MoCo": None,
+    "DBMTL": None,
 }
 METHODS = list(_TORCHJD)
 

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from mtlgrad.aggregators import (
+    DBMTL,
     IMTLG,
     MGDA,
     RLW,
@@ -18,9 +19,11 @@ from mtlgrad.aggregators import (
     ConFIG,
     Constant,
     DualProj,
+    ExcessMTL,
     GradDrop,
     GradVac,
     Mean,
+    MoCo,
     NashMTL,
     PCGrad,
     Sum,
@@ -139,6 +142,9 @@ METHODS = {
         Method("gradvac", "GradVac", lambda seed: GradVac(generator=_seeded(seed))),
         Method("graddrop", "GradDrop", lambda seed: GradDrop(generator=_seeded(seed))),
         Method("rlw", "RLW", lambda seed: RLW(generator=_seeded(seed))),
+        Method("excessmtl", "ExcessMTL", lambda seed: ExcessMTL()),
+        Method("moco", "MoCo", lambda seed: MoCo()),
+        Method("dbmtl", "DB-MTL", lambda seed: DBMTL()),
         Method("constant", "Constant", lambda seed: Constant(CONSTANT_WEIGHTS), toy=False),
         Method("gradnorm", "GradNorm", make_weighting=_gradnorm, weighting_lr=GRADNORM_LR),
         Method("dwa", "DWA", make_weighting=_dwa),
