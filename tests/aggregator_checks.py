@@ -184,3 +184,34 @@ def assert_matrix_call_is_weighted_sum(make: Callable[[], GramAggregator], J: Te
     expected = (w @ J64).to(J.dtype)
     atol = 1e-9 * scale_of(J) * max(1.0, float(w.abs().sum()))
     torch.testing.assert_close(d, expected, rtol=1e-9, atol=atol)
+
+
+def train_tiny(
+    make: Callable[[], Aggregator], steps: int, resume_at: int | None = None, num_tasks: int = 2
+) -> Tensor:
+    """Trains a tiny trunk + heads model with ``MTLOptimizer(SGD, make())`` and returns the
+    trunk's weight; with ``resume_at``, the optimizer is rebuilt at that step from a deep copy of
+    its ``state_dict()`` (a stateful method must then end bit-identically)."""
+    from mtlgrad.optim import MTLOptimizer
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(num_tasks))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x, y = torch.randn(16, 4), torch.randn(16, num_tasks)
+
+    def build() -> MTLOptimizer:
+        return MTLOptimizer(torch.optim.SGD(params, lr=0.1), make(), trunk.parameters())
+
+    opt = build()
+    for k in range(steps):
+        if k == resume_at:
+            state = copy.deepcopy(opt.state_dict())
+            opt = build()
+            opt.load_state_dict(state)
+        z = trunk(x)
+        losses = {f"t{t}": ((heads[t](z)[:, 0] - y[:, t]) ** 2).mean() for t in range(num_tasks)}
+        opt.zero_grad()
+        opt.backward(losses)
+        opt.step()
+    return trunk[0].weight.detach().clone()

@@ -12,7 +12,9 @@ from mtlgrad.aggregators._config import ConFIG
 from mtlgrad.aggregators._constant import Constant
 from mtlgrad.aggregators._cosine_gating import CosineGating
 from mtlgrad.aggregators._cr_mogm import CRMOGM
+from mtlgrad.aggregators._db_mtl import DBMTL
 from mtlgrad.aggregators._dualproj import DualProj
+from mtlgrad.aggregators._excess_mtl import ExcessMTL
 from mtlgrad.aggregators._fairgrad import FairGrad
 from mtlgrad.aggregators._graddrop import GradDrop
 from mtlgrad.aggregators._gradient_matching import GradientMatching
@@ -22,6 +24,7 @@ from mtlgrad.aggregators._imtlg import IMTLG
 from mtlgrad.aggregators._krum import Krum
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._mgda import MGDA
+from mtlgrad.aggregators._moco import MoCo
 from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcd import PCD
 from mtlgrad.aggregators._pcgrad import PCGrad
@@ -39,7 +42,9 @@ __all__ = [
     "Constant",
     "CosineGating",
     "CRMOGM",
+    "DBMTL",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "GradDrop",
     "GradientMatching",
@@ -50,6 +55,7 @@ __all__ = [
     "Krum",
     "Mean",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "PCD",
     "PCGrad",

@@ -50,8 +50,24 @@ def _ours(name: str, T: int) -> Any:
         "Krum": lambda: ours.Krum(n_byzantine=max(0, (T - 3) // 2), n_selected=1),
         "TrimmedMean": lambda: ours.TrimmedMean(trim_number=(T - 1) // 4),
         "CRMOGM": lambda: ours.CRMOGM(ours.UPGrad(reg_eps=1e-4)),
+        "DBMTL": lambda: _WithLosses(ours.DBMTL()),
     }
     return factories.get(name, getattr(ours, name))()
+
+
+class _WithLosses:
+    """A method that needs the task losses (DB-MTL), timed with losses of 1 (the timing does not
+    depend on their values)."""
+
+    def __init__(self, aggregator: Any) -> None:
+        self.aggregator = aggregator
+
+    def __call__(self, J: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(list(J.unbind(0)), J.shape[0]).out[0]
+
+    def aggregate(self, grads: list[torch.Tensor], T: int, out: Any = None) -> Any:
+        losses = torch.ones(T, dtype=torch.float64)
+        return self.aggregator.aggregate(grads, T, out, losses=losses)
 
 
 # method -> TorchJD's aggregator of the same method for T tasks (None: TorchJD has none)
@@ -80,6 +96,9 @@ _TORCHJD: dict[str, Callable[[Any, int], Any] | None] = {
     "TrimmedMean": lambda jd, T: jd.TrimmedMean(trim_number=(T - 1) // 4),
     "PCD": lambda jd, T: jd.PCD(),
     "CRMOGM": lambda jd, T: jd.GramianWeightedAggregator(jd.CRMOGMWeighting(jd.UPGradWeighting())),
+    "ExcessMTL": lambda jd, T: jd.ExcessMTL(),
+    "MoCo": None,
+    "DBMTL": None,
 }
 METHODS = list(_TORCHJD)
 # Methods that need more tasks than some configurations have (Krum: a score needs a neighbour).

@@ -10,6 +10,7 @@ import torch
 
 from mtlgrad.aggregators import (
     CRMOGM,
+    DBMTL,
     IMTLG,
     MGDA,
     PCD,
@@ -20,10 +21,12 @@ from mtlgrad.aggregators import (
     ConFIG,
     Constant,
     DualProj,
+    ExcessMTL,
     GradDrop,
     GradVac,
     Krum,
     Mean,
+    MoCo,
     NashMTL,
     PCGrad,
     Sum,
@@ -143,6 +146,9 @@ METHODS = {
         Method("gradvac", "GradVac", lambda seed: GradVac(generator=_seeded(seed))),
         Method("graddrop", "GradDrop", lambda seed: GradDrop(generator=_seeded(seed))),
         Method("rlw", "RLW", lambda seed: RLW(generator=_seeded(seed))),
+        Method("excessmtl", "ExcessMTL", lambda seed: ExcessMTL()),
+        Method("moco", "MoCo", lambda seed: MoCo()),
+        Method("dbmtl", "DB-MTL", lambda seed: DBMTL()),
         Method("constant", "Constant", lambda seed: Constant(CONSTANT_WEIGHTS), toy=False),
         # Robust aggregation (5 tasks: one may be an outlier), PCD (task 0 primary), and UPGrad's
         # weights smoothed across steps.
