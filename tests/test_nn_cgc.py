@@ -112,11 +112,13 @@ def test_errors():
     with pytest.raises(TypeError, match=r"task_experts\['a'\]\[0\] must be an nn.Module"):
         CGC([nn.Linear(5, 4)], {"a": ["x"], "b": []}, towers, in_features=5)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
-        CGC([nn.Linear(5, 4)], own, towers, in_features=0)
+        CGC([nn.Linear(5, 4), nn.Linear(5, 4)], own, towers, in_features=0)
+    with pytest.raises(ValueError, match="task 'b'.s gate has a single expert to mix"):
+        CGC([nn.Linear(5, 4)], own, towers, in_features=5)
     shared = nn.Linear(5, 4)
     with pytest.raises(ValueError, match="belongs to both the shared parameters and task 'a'"):
-        CGC([shared], {"a": [shared], "b": []}, towers, in_features=5)
-    model = CGC([nn.Linear(5, 3)], own, towers, in_features=5)
+        CGC([shared, nn.Linear(5, 4)], {"a": [shared], "b": []}, towers, in_features=5)
+    model = CGC([nn.Linear(5, 3), nn.Linear(5, 3)], own, towers, in_features=5)
     with pytest.raises(ValueError, match="task 'a'.s and the shared experts give outputs of"):
         model(torch.randn(2, 5))
     with pytest.raises(ValueError, match="the gates take in_features=5"):

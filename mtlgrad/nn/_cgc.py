@@ -40,7 +40,8 @@ class CGC(MultiTaskModule):
 
     Args:
         shared_experts: the ``m_s >= 1`` shared experts.
-        task_experts: ``{task: its m_k >= 0 experts}``; every expert (shared or not) maps x to an
+        task_experts: ``{task: its m_k >= 0 experts}`` (``m_k + m_s >= 2``: a gate mixes two
+            experts or more); every expert (shared or not) maps x to an
             output of one shape that keeps x's leading dimensions.
         towers: one module per task, keyed by task name (the task order).
         in_features: d, the size of the input's last dimension (the gates' input).
@@ -65,6 +66,12 @@ class CGC(MultiTaskModule):
             name: check_modules(task_experts[name], f"task_experts[{name!r}]", owner, minimum=0)
             for name in self.task_names
         }
+        for name in self.task_names:
+            if len(own[name]) + len(shared) < 2:
+                raise ValueError(
+                    f"{owner}: task {name!r}'s gate has a single expert to mix (0 own + 1 shared); "
+                    "a gate needs at least 2 (with one, it gets no gradient)"
+                )
         self.in_features = check_in_features(in_features, "in_features", owner)
         self.shared_experts = nn.ModuleList(shared)
         self.task_experts = nn.ModuleDict({name: nn.ModuleList(own[name]) for name in own})
