@@ -1,4 +1,5 @@
-"""CGC against a float64 reference of Eq. 2-4; partition, gradient flow, training, state."""
+"""CGC against a float64 reference of the gate equations; partition, gradient flow, training,
+state."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def linear_relu(module: nn.Sequential, v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(module[0].weight @ v + module[0].bias, min=0)
 
 
-def test_forward_matches_equations_2_to_4():
+def test_forward_matches_the_gate_equations():
     model = make_model()
     x, _ = problem()
     got = model(x)

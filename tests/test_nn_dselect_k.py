@@ -1,5 +1,5 @@
-"""DSelect-k against a float64 reference of Eq. 3-6 (per-example and static gates); the
-smooth step, the penalties, partition, gradient flow, training, state."""
+"""DSelect-k against a float64 reference of the selector equations (per-example and static
+gates); the smooth step, the penalties, partition, gradient flow, training, state."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def step(t: float, gamma: float) -> float:
 
 
 def reference_weights(z: list[list[float]], alpha: list[float] | None, n: int, gamma: float):
-    """q(α, Z) of Eq. 6 in plain floats; bit l of expert j read most significant first."""
+    """q(α, Z) in plain floats; bit l of expert j read most significant first."""
     m = math.ceil(math.log2(n))
     selectors = []
     for zi in z:
@@ -87,7 +87,7 @@ def test_smooth_step():
 
 
 @pytest.mark.parametrize("n, k", [(5, 2), (4, 3), (3, 1)])
-def test_forward_matches_equation_6_per_example(n, k):
+def test_forward_matches_the_gate_per_example(n, k):
     model = make_model(n=n, k=k)
     x, _ = problem()
     got = model(x)
@@ -105,7 +105,7 @@ def test_forward_matches_equation_6_per_example(n, k):
             torch.testing.assert_close(got[name][i], tower.weight @ mixture + tower.bias)
 
 
-def test_forward_matches_equation_6_static():
+def test_forward_matches_the_gate_static():
     model = make_model(n=4, k=2, static=True)
     x, _ = problem()
     got = model(x)

@@ -1,5 +1,5 @@
-"""PLE against a float64 reference of Eq. 5-6; the partition (inner task experts are shared),
-gradient flow, training, state."""
+"""PLE against a float64 reference of the extraction equations; the partition (inner task
+experts are shared), gradient flow, training, state."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def softmax(v: torch.Tensor) -> torch.Tensor:
 
 
 def reference(model: PLE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One sample at a time, Eq. 5-6 written out."""
+    """One sample at a time, the extraction equations written out."""
     result = {name: [] for name in TASKS}
     for i in range(x.shape[0]):
         h = {name: x[i] for name in TASKS}
@@ -74,7 +74,7 @@ def reference(model: PLE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: torch.stack(v) for n, v in result.items()}
 
 
-def test_forward_matches_equations_5_and_6():
+def test_forward_matches_the_extraction_equations():
     model = make_model()
     x, _ = problem()
     got, expected = model(x), reference(model, x)

@@ -23,10 +23,10 @@ __all__ = ["CGC"]
 class CGC(MultiTaskModule):
     """Customized Gate Control (Tang, Liu, Zhao & Gong, `Progressive Layered Extraction (PLE): a
     novel multi-task learning (MTL) model for personalized recommendations
-    <https://doi.org/10.1145/3383313.3412236>`_, RecSys 2020, Section 4.2).
+    <https://doi.org/10.1145/3383313.3412236>`_, RecSys 2020), the one-level form of PLE.
 
     ``m_s`` shared experts ``E_s,i`` and, for each task k, ``m_k`` experts ``E_k,i`` of its own;
-    task k's gate mixes its own experts and the shared ones (Eq. 2-4)::
+    task k's gate mixes its own experts and the shared ones::
 
         y_k = t^k(g^k(x)),   g^k(x) = w^k(x) S^k(x),   w^k(x) = softmax(W_g^k x),
         S^k(x) = [E_k,1(x), ..., E_k,m_k(x), E_s,1(x), ..., E_s,m_s(x)]

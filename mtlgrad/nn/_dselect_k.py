@@ -22,7 +22,7 @@ __all__ = ["DSelectK", "smooth_step"]
 
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:
-    """The cubic smooth-step function of DSelect-k (Hazimeh et al. 2021, Eq. 3): 0 for
+    """The cubic smooth-step function of DSelect-k (Hazimeh et al. 2021): 0 for
     ``t <= -gamma/2``, 1 for ``t >= gamma/2``, ``-2 t³/gamma³ + 3 t/(2 gamma) + 1/2`` between
     (continuously differentiable, with exact zeros and ones outside the interval)."""
     cubic = -2 / gamma**3 * t**3 + 3 / (2 * gamma) * t + 0.5
@@ -36,14 +36,14 @@ class DSelectK(MultiTaskModule):
 
     n shared experts ``f_1..f_n`` and ``m = ceil(log2 n)``. Task t's gate holds k single-expert
     selectors, each a binary code ``z^(i) in R^m`` passed through the smooth step ``S``
-    (:func:`smooth_step`, Eq. 3), and selector weights ``α in R^k`` (Eq. 4-6)::
+    (:func:`smooth_step`), and selector weights ``α in R^k``::
 
         r(z)_j = Π_{l=1..m} (S(z_l) if bit l of j is 1 else 1 - S(z_l)),   j = 0..n-1
         q(α, Z) = Σ_{i=1..k} softmax(α)_i r(z^(i)),   y_t = h^t(Σ_j q_j f_j(x))
 
     The bits of j are read most significant first (LibMTL's and the official implementation's
     ``binary_repr`` order). With ``in_features`` the gates depend on the input (the paper's
-    per-example gating, Section 3.3): ``Z = W_z x + b_z`` and ``α = W_α x + b_α``; with
+    per-example gating): ``Z = W_z x + b_z`` and ``α = W_α x + b_α``; with
     ``in_features=None`` ``Z`` and ``α`` are parameters of the gate (static gating). With
     k = 1 there is no ``α`` (the one selector has weight 1). The
     initialisation follows LibMTL's ``DSelect_k``: ``Z``'s parameters uniform in
@@ -148,7 +148,7 @@ class DSelectK(MultiTaskModule):
 
     def selector_outputs(self, x: Tensor) -> dict[str, Tensor]:
         """``{task: [r(z^(1)), ..., r(z^(k))]}``, each of shape ``(..., k, n)``: the
-        single-expert selectors' weights over the n experts (Eq. 4)."""
+        single-expert selectors' weights over the n experts."""
         result = {}
         for name in self.task_names:
             z = self._z_logits(name, x)
@@ -158,7 +158,7 @@ class DSelectK(MultiTaskModule):
 
     def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
         """``{task: q(α, Z)}``, each of shape ``(..., n)`` for per-example gates, ``(n,)`` for
-        static ones: the weights of the n experts (Eq. 6); they sum to 1 when n is a power of 2,
+        static ones: the weights of the n experts; they sum to 1 when n is a power of 2,
         to at most 1 otherwise."""
         selectors = self.selector_outputs(x)
         result = {}
@@ -179,7 +179,7 @@ class DSelectK(MultiTaskModule):
         }
 
     def entropy_penalty(self, x: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-        """The entropy regulariser (Section 3.2): ``Σ_t mean_i H(r(z_t^(i)))`` with
+        """The entropy regulariser of the paper: ``Σ_t mean_i H(r(z_t^(i)))`` with
         ``H(r) = -Σ_j r_j log(r_j + eps)``, the mean over the k selectors (and the samples, for
         per-example gates), summed over the tasks; multiply by the paper's λ and add it to the
         loss. Zero once every selector picks one expert. ``x`` is the input (None with static

@@ -22,7 +22,7 @@ class LTB(MultiTaskModule):
     A layered super-graph of blocks: layer 0's ``B_0`` blocks read the input, each of layer l's
     ``B_l`` blocks reads one parent among layer l-1's blocks, and each task's head reads one block
     of the last layer. Child c of layer l holds logits ``α_c`` over its parents; during training
-    its input is the Gumbel-softmax relaxation of the choice (Section 3.2)::
+    its input is the Gumbel-softmax relaxation of the choice::
 
         u_c = softmax((α_c + G) / τ),   G_p = -log(-log U_p),  U_p ~ Uniform(0, 1)
         input_c = Σ_p u_c,p output_p

@@ -23,13 +23,12 @@ __all__ = ["PLE"]
 class PLE(MultiTaskModule):
     """Progressive Layered Extraction (Tang, Liu, Zhao & Gong, `Progressive Layered Extraction
     (PLE): a novel multi-task learning (MTL) model for personalized recommendations
-    <https://doi.org/10.1145/3383313.3412236>`_, RecSys 2020, Section 4.3).
+    <https://doi.org/10.1145/3383313.3412236>`_, RecSys 2020).
 
     N extraction levels. Level j has shared experts ``E_s^j`` and, for each task k, experts
     ``E_k^j`` of its own. Task k's experts and gate read task k's output of the previous level,
     the shared experts and the shared gate read the shared output (all read x at level 1); task k's
-    gate mixes its own and the shared experts, the shared gate mixes every expert of the level
-    (Eq. 5-6)::
+    gate mixes its own and the shared experts, the shared gate mixes every expert of the level::
 
         g^k,j = softmax(W^k,j g^k,j-1) [E_k^j(g^k,j-1), E_s^j(g^s,j-1)]
         g^s,j = softmax(W^s,j g^s,j-1) [E_1^j(g^1,j-1), ..., E_T^j(g^T,j-1), E_s^j(g^s,j-1)]
