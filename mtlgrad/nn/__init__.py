@@ -17,6 +17,7 @@ from mtlgrad.nn._mmoe import MMoE
 from mtlgrad.nn._mtan import MTAN, attention_module
 from mtlgrad.nn._multi_task_model import MultiTaskModel
 from mtlgrad.nn._ple import PLE
+from mtlgrad.nn._relationship import DeepRelationshipNetwork
 from mtlgrad.nn._sluice import Sluice
 from mtlgrad.nn._soft_sharing import SoftSharing
 from mtlgrad.nn._task_batchnorm import (
@@ -32,6 +33,7 @@ __all__ = [
     "CrossStitch",
     "CrossStitchUnit",
     "DSelectK",
+    "DeepRelationshipNetwork",
     "LTB",
     "MMoE",
     "MTAN",
