@@ -27,6 +27,7 @@ from mtlgrad.nn._task_batchnorm import (
     task_batchnorm_parameters,
     use_task,
 )
+from mtlgrad.nn._tensor_factorised import TensorFactorisedNetwork
 
 __all__ = [
     "CGC",
@@ -44,6 +45,7 @@ __all__ = [
     "SoftSharing",
     "TaskBatchNorm",
     "TaskBatchNormModel",
+    "TensorFactorisedNetwork",
     "attention_module",
     "convert_task_batchnorm",
     "smooth_step",
