@@ -12,6 +12,7 @@ from mtlgrad.nn._base import MultiTaskModule
 from mtlgrad.nn._cgc import CGC
 from mtlgrad.nn._cross_stitch import CrossStitch, CrossStitchUnit
 from mtlgrad.nn._dselect_k import DSelectK, smooth_step
+from mtlgrad.nn._fully_adaptive import FullyAdaptiveNetwork
 from mtlgrad.nn._ltb import LTB
 from mtlgrad.nn._mmoe import MMoE
 from mtlgrad.nn._mtan import MTAN, attention_module
@@ -35,6 +36,7 @@ __all__ = [
     "CrossStitchUnit",
     "DSelectK",
     "DeepRelationshipNetwork",
+    "FullyAdaptiveNetwork",
     "LTB",
     "MMoE",
     "MTAN",
