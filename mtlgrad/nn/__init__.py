@@ -13,6 +13,7 @@ from mtlgrad.nn._cgc import CGC
 from mtlgrad.nn._cross_stitch import CrossStitch, CrossStitchUnit
 from mtlgrad.nn._dselect_k import DSelectK, smooth_step
 from mtlgrad.nn._fully_adaptive import FullyAdaptiveNetwork
+from mtlgrad.nn._joint_many_task import JointManyTaskModel
 from mtlgrad.nn._ltb import LTB
 from mtlgrad.nn._mmoe import MMoE
 from mtlgrad.nn._mtan import MTAN, attention_module
@@ -37,6 +38,7 @@ __all__ = [
     "DSelectK",
     "DeepRelationshipNetwork",
     "FullyAdaptiveNetwork",
+    "JointManyTaskModel",
     "LTB",
     "MMoE",
     "MTAN",
