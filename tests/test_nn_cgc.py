@@ -104,7 +104,7 @@ def test_state_dict_round_trip():
 def test_errors():
     towers = {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}
     own = {"a": [nn.Linear(5, 4)], "b": []}
-    with pytest.raises(ValueError, match="shared_experts must hold at least 1 expert"):
+    with pytest.raises(ValueError, match="shared_experts must hold at least 1 module"):
         CGC([], own, towers, in_features=5)
     with pytest.raises(
         ValueError, match=r"task_experts must have one entry per task.*missing \['b'\]"

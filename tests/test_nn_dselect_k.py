@@ -210,7 +210,7 @@ def test_state_dict_round_trip():
 def test_errors():
     towers = {"a": nn.Linear(3, 1)}
     experts = [nn.Linear(4, 3) for _ in range(3)]
-    with pytest.raises(ValueError, match="experts must hold at least 2 expert"):
+    with pytest.raises(ValueError, match="experts must hold at least 2 module"):
         DSelectK(experts[:1], towers, num_nonzeros=1)
     with pytest.raises(
         ValueError, match=r"num_nonzeros \(k\) must be between 1 and the number of experts 3, got 4"

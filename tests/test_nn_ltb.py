@@ -207,7 +207,7 @@ def test_errors():
     heads = {"a": nn.Identity()}
     with pytest.raises(ValueError, match="blocks must list at least one layer"):
         LTB([], heads)
-    with pytest.raises(ValueError, match=r"blocks\[1\] must hold at least 1 expert"):
+    with pytest.raises(ValueError, match=r"blocks\[1\] must hold at least 1 module"):
         LTB([[block(4, 3)], []], heads)
     with pytest.raises(TypeError, match="heads must be a dict"):
         LTB([[block(4, 3)]], [nn.Identity()])

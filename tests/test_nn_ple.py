@@ -165,7 +165,7 @@ def test_errors():
     with pytest.raises(ValueError, match="shared_experts must list at least one level"):
         PLE([], {"a": []}, towers, in_features=[5])
     two = [[expert(0), expert(0)], [expert(1), expert(1)]]
-    with pytest.raises(ValueError, match=r"shared_experts\[1\] must hold at least 1 expert"):
+    with pytest.raises(ValueError, match=r"shared_experts\[1\] must hold at least 1 module"):
         PLE([two[0], []], {"a": [[], []]}, towers, in_features=[5, 4])
     with pytest.raises(ValueError, match=r"task_experts\['a'\] has 1 levels, but shared_experts"):
         PLE(two, {"a": [[]]}, towers, in_features=[5, 4])

@@ -28,7 +28,7 @@ def check_modules(
     result = list(modules)
     if len(result) < minimum:
         raise ValueError(
-            f"{owner}: {what} must hold at least {minimum} expert(s), got {len(result)}"
+            f"{owner}: {what} must hold at least {minimum} module(s), got {len(result)}"
         )
     for i, module in enumerate(result):
         if not isinstance(module, nn.Module):
