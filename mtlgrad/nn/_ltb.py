@@ -50,7 +50,8 @@ class LTB(MultiTaskModule):
         temperature: the initial ``τ`` (positive).
         hard: straight-through one-hot choices during training.
         noise: add Gumbel noise during training.
-        generator: draws the Gumbel noise (the global generator when None).
+        generator: draws the Gumbel noise, on the logits' device (the global generator when
+            None).
     """
 
     def __init__(
