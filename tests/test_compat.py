@@ -407,6 +407,13 @@ def test_from_torchjd_maps_objects_names_and_settings() -> None:
     assert (nash.max_norm, nash.optim_niter) == (2.0, 5)
     mine = agg.MGDA()
     assert f(mine) is mine
+    krum = f(tja.Krum(n_byzantine=1, n_selected=2))
+    assert type(krum) is agg.Krum and (krum.n_byzantine, krum.n_selected) == (1, 2)
+    assert f("TrimmedMean", trim_number=2).trim_number == 2
+    pcd = f(tja.PCD(tau=0.1, beta=0.9))
+    assert type(pcd) is agg.PCD and (pcd.beta, pcd.eps) == (0.9, 1e-8)
+    excess = f(tja.ExcessMTL(robust_step_size=0.5, n_warmup_steps=2))
+    assert (excess.step_size, excess.warmup_steps) == (0.5, 2)
     # AlignedMTL is averaged (TorchJD), not summed (the official code, mtlgrad's AlignedMTL)
     J = torch.randn(3, 7, dtype=F64)
     torch.testing.assert_close(f("AlignedMTL")(J), agg.AlignedMTL()(J) / 3)
@@ -415,10 +422,10 @@ def test_from_torchjd_maps_objects_names_and_settings() -> None:
 
 def test_from_torchjd_refuses_what_does_not_match() -> None:
     f = compat_torchjd.from_torchjd
-    with pytest.raises(ValueError, match="mtlgrad has no Krum: .*closest: Mean, UPGrad"):
-        f(tja.Krum(n_byzantine=1))
-    with pytest.raises(ValueError, match="mtlgrad has no TrimmedMean"):
-        f("TrimmedMean")
+    with pytest.raises(ValueError, match="mtlgrad has no CRMOGM: aggregators.CRMOGM"):
+        f("CRMOGM")
+    with pytest.raises(ValueError, match="mtlgrad has no MoDo"):
+        f("MoDo")
     with pytest.raises(ValueError, match="pref_vector has no mtlgrad equivalent"):
         f(tja.UPGrad(pref_vector=torch.tensor([0.2, 0.8])))
     with pytest.raises(ValueError, match="custom f"):
@@ -498,6 +505,15 @@ def test_libmtl_keyword_arguments_map_to_ours() -> None:
     assert w("FairGrad", FairGrad_alpha=2.0).alpha == 2.0
     assert w("UPGrad", UPGrad_reg_eps=1e-3).reg_eps == 1e-3
     assert w("GradDrop").leak is None
+    moco = w("MoCo", MoCo_beta=0.3, MoCo_gamma=0.2)
+    assert (moco.beta, moco.gamma, moco.normalize, moco.weight_update) == (
+        0.3,
+        0.2,
+        True,
+        "softmax",
+    )
+    db = w("DB_MTL", DB_beta=0.8, DB_beta_sigma=0.1)
+    assert type(db) is agg.DBMTL and (db.beta, db.beta_decay) == (0.8, 0.1)
     assert w("GradDrop", num_tasks=2, leak=0.5).leak.tolist() == [0.5, 0.5]
     shared = [nn.Parameter(torch.randn(3, 2))]
     assert w("GradNorm", num_tasks=2, shared_params=shared, alpha=0.5).alpha == 0.5

@@ -192,6 +192,37 @@ METHODS: dict[str, Method] = {
         "call weighting.update(new_losses) after the step (LibMTL's update_w)",
         needs=("num_tasks",),
     ),
+    "MoCo": Method(
+        lambda T, shared, MoCo_beta, MoCo_beta_sigma, MoCo_gamma, MoCo_gamma_sigma, MoCo_rho: (
+            agg.MoCo(
+                beta=MoCo_beta,
+                beta_decay=MoCo_beta_sigma,
+                gamma=MoCo_gamma,
+                gamma_decay=MoCo_gamma_sigma,
+                rho=MoCo_rho,
+                normalize=True,
+                weight_update="softmax",
+            )
+        ),
+        {
+            "MoCo_beta": 0.5,
+            "MoCo_beta_sigma": 0.5,
+            "MoCo_gamma": 0.1,
+            "MoCo_gamma_sigma": 0.5,
+            "MoCo_rho": 0.0,
+        },
+        "aggregators.MoCo(beta, beta_decay, gamma, gamma_decay, rho, normalize=True, "
+        'weight_update="softmax")',
+        "LibMTL's variant (each gradient rescaled to its loss, softmax weights); the paper's "
+        "Algorithm 1 is aggregators.MoCo() with its defaults",
+    ),
+    "DB_MTL": Method(
+        lambda T, shared, DB_beta, DB_beta_sigma: agg.DBMTL(beta=DB_beta, beta_decay=DB_beta_sigma),
+        {"DB_beta": 0.9, "DB_beta_sigma": 0.0},
+        "aggregators.DBMTL(beta=DB_beta, beta_decay=DB_beta_sigma)",
+        "the log-losses' gradients (g_t / L_t, from the losses mtlgrad.backward passes); a zero "
+        "gradient gets weight 0 (LibMTL adds 1e-8)",
+    ),
     "UPGrad": Method(
         _upgrad,
         {"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-4},
@@ -205,9 +236,8 @@ METHODS: dict[str, Method] = {
 NOT_AVAILABLE: dict[str, str] = {
     "IMTL": "aggregators.IMTLG (IMTL's gradient part; LibMTL's IMTL also learns loss scales, "
     "IMTL-L, which mtlgrad does not have)",
-    "MoCo": "aggregators.MGDA, aggregators.NashMTL",
-    "DB_MTL": "aggregators.IMTLG, weighting.GradNorm (gradient-magnitude balancing)",
-    "ExcessMTL": "aggregators.NashMTL, aggregators.FairGrad",
+    "ExcessMTL": "aggregators.ExcessMTL (TorchJD's formulation; LibMTL's keyword arguments are "
+    "not translated)",
     "MoDo": "aggregators.MGDA",
     "SDMGrad": "aggregators.MGDA, aggregators.CAGrad",
     "MOML": "none (a bilevel method); closest: weighting.UncertaintyWeighting",
@@ -252,10 +282,12 @@ def weighting(
     FairGrad       ``aggregators.FairGrad(alpha=FairGrad_alpha)``
     FAMO           ``weighting.FAMO(num_tasks, lr=FAMO_w_lr, weight_decay=FAMO_w_gamma)``
     UPGrad         ``aggregators.UPGrad(reg_eps=UPGrad_reg_eps)``
+    MoCo           ``aggregators.MoCo(MoCo_beta, ..., normalize=True, weight_update="softmax")``
+    DB_MTL         ``aggregators.DBMTL(beta=DB_beta, beta_decay=DB_beta_sigma)``
     =============  =========================================================================
 
-    :data:`METHODS` holds each mapping's notes (where the numbers differ). IMTL, MoCo, DB_MTL,
-    ExcessMTL, MoDo, SDMGrad and the bilevel methods (MOML, FORUM, AutoLambda) raise a
+    :data:`METHODS` holds each mapping's notes (where the numbers differ). IMTL, ExcessMTL,
+    MoDo, SDMGrad and the bilevel methods (MOML, FORUM, AutoLambda) raise a
     ``ValueError`` naming the closest mtlgrad methods (:data:`NOT_AVAILABLE`); so does an unknown
     name, with the closest LibMTL names. An unknown keyword argument is a ``TypeError`` naming
     the method's keyword arguments.

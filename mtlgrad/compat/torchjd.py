@@ -99,6 +99,14 @@ def _aligned_mtl(scale_mode: str = "min") -> AlignedMTLMean:
     return AlignedMTLMean(scale_mode=scale_mode)
 
 
+def _excess_mtl(robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> agg.ExcessMTL:
+    return agg.ExcessMTL(step_size=robust_step_size, warmup_steps=n_warmup_steps)
+
+
+def _pcd(tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> agg.PCD:
+    return agg.PCD(tau=tau, beta=beta, eps=eps)
+
+
 #: TorchJD 0.18 aggregator (and weighting) names -> a builder taking TorchJD's keyword arguments.
 MAPPED: dict[str, Callable[..., agg.Aggregator]] = {
     "Mean": agg.Mean,
@@ -117,16 +125,16 @@ MAPPED: dict[str, Callable[..., agg.Aggregator]] = {
     "Random": agg.RLW,
     "FairGrad": _fairgrad,
     "GradVac": _gradvac,
+    "Krum": agg.Krum,
+    "TrimmedMean": agg.TrimmedMean,
+    "PCD": _pcd,
+    "ExcessMTL": _excess_mtl,
 }
 
 #: TorchJD methods mtlgrad does not have, with the closest mtlgrad aggregators.
 NOT_MAPPED: dict[str, str] = {
-    "Krum": "none (a robust-aggregation rule); closest: Mean, UPGrad",
-    "TrimmedMean": "none (a robust-aggregation rule); closest: Mean",
-    "PCD": "none; closest: PCGrad, UPGrad",
-    "ExcessMTL": "none; closest: NashMTL, FairGrad",
-    "CRMOGM": "none (a moving average of another weighting's weights); closest: the weighting "
-    "it wraps",
+    "CRMOGM": "aggregators.CRMOGM(the mtlgrad equivalent of the weighting it wraps), built by "
+    "hand (the wrapped TorchJD weighting is not translated)",
     "MoDo": "none; closest: MGDA",
     "SDMGrad": "none; closest: MGDA, CAGrad",
 }
@@ -139,6 +147,10 @@ _ATTRIBUTES = {
     "MGDA": ("epsilon", "max_iters"),
     "FairGrad": ("alpha", "max_iters"),
     "GradVac": ("beta", "eps"),
+    "Krum": ("n_byzantine", "n_selected"),
+    "TrimmedMean": ("trim_number",),
+    "PCD": ("tau", "beta", "eps"),
+    "ExcessMTL": ("robust_step_size", "n_warmup_steps"),
 }
 
 
@@ -172,10 +184,16 @@ def from_torchjd(aggregator: Any, **kwargs: Any) -> agg.Aggregator:
       ``RLW()``: random draws from a generator of their own.
     - ``FairGrad(alpha)`` -> ``FairGrad(alpha)``: solved to rounding (TorchJD: scipy least
       squares, ``max_iters``).
+    - ``Krum(n_byzantine, n_selected)`` -> the same: scores are sums of **squared** distances
+      (the paper's; TorchJD sums the distances, which can select other tasks).
+    - ``TrimmedMean(trim_number)``, ``PCD(tau, beta, eps)`` -> the same.
+    - ``ExcessMTL(robust_step_size, n_warmup_steps)`` -> ``ExcessMTL(step_size,
+      warmup_steps)``: the same with a warm-up; without one, each excess risk is divided by its
+      first value (TorchJD: by the first value plus 1e-7).
 
     A preference vector other than the default, a custom ``projector`` or GradDrop ``f``, and
-    the TorchJD methods mtlgrad does not have (Krum, TrimmedMean, PCD, ExcessMTL, CRMOGM, MoDo,
-    SDMGrad) raise a ``ValueError`` naming the closest mtlgrad aggregators.
+    the TorchJD methods not translated (CRMOGM, MoDo, SDMGrad) raise a ``ValueError`` naming the
+    closest mtlgrad aggregators.
     """
     if isinstance(aggregator, agg.Aggregator):
         if kwargs:
