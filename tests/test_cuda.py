@@ -301,9 +301,10 @@ def test_combine_weights_on_another_device_are_rejected() -> None:
 
 @pytest.mark.parametrize("cls", gram_aggregator_classes(), ids=lambda c: c.__name__)
 def test_aggregators_on_cuda_match_cpu(cls) -> None:
-    J = torch.randn(5, 2000, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    on_cpu = make_aggregator(cls, tasks=5)(J)
-    on_gpu = make_aggregator(cls, tasks=5)(J.cuda())
+    # 6 rows: also 2 sub-batches of 3 tasks for the double-sampling methods.
+    J = torch.randn(6, 2000, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    on_cpu = make_aggregator(cls, tasks=6)(J)
+    on_gpu = make_aggregator(cls, tasks=6)(J.cuda())
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=1e-8)
 

@@ -41,7 +41,8 @@ def batch(seed: int, tasks: int = 3, n: int = 32) -> tuple[torch.Tensor, torch.T
 
 def make_aggregator(cls: type, seed: int = 0, tasks: int = 3) -> GramAggregator:
     """An instance with defaults, main task 0 for auxiliary methods, alpha = 1 for FairGrad, no
-    Byzantine task for Krum, UPGrad inside CRMOGM,
+    Byzantine task for Krum, UPGrad inside CRMOGM, the ``tasks`` losses read as 2 (or else 3)
+    sub-batches for the double-sampling methods,
     distinct weights for the ``tasks`` tasks of Constant, a seeded generator for randomised
     ones."""
     params = inspect.signature(cls).parameters
@@ -58,6 +59,10 @@ def make_aggregator(cls: type, seed: int = 0, tasks: int = 3) -> GramAggregator:
         kwargs["aggregator"] = aggregators.UPGrad()
     if "generator" in params:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
+    if "num_tasks" in params:  # MoDo, SDMGrad: the losses are 2 or 3 sub-batches of T tasks
+        if tasks % 2 and tasks % 3:
+            raise ValueError(f"{cls.__name__} needs 2 T or 3 T losses, not {tasks}")
+        kwargs["num_tasks"] = tasks // 2 if tasks % 2 == 0 else tasks // 3
     return cls(**kwargs)
 
 
@@ -80,3 +85,17 @@ class NoVmap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float(grad.sum().item() != 0.5) * 2
+
+
+def sub_batch_losses(
+    trunk: nn.Module, heads: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, samples: int
+) -> dict[str, torch.Tensor]:
+    """The losses of a double-sampling step (MoDo, SDMGrad): the batch split into ``samples``
+    sub-batches, and every task's loss on each, sample-major (``{"t0/1", "t1/1", ..., "t0/2",
+    ...}``)."""
+    losses = {}
+    for s, (xs, ys) in enumerate(zip(x.chunk(samples), y.chunk(samples)), start=1):
+        z = trunk(xs)
+        for t, head in enumerate(heads):
+            losses[f"t{t}/{s}"] = ((head(z).squeeze(-1) - ys[:, t]) ** 2).mean()
+    return losses

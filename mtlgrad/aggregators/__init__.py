@@ -25,10 +25,12 @@ from mtlgrad.aggregators._krum import Krum
 from mtlgrad.aggregators._mean import Mean
 from mtlgrad.aggregators._mgda import MGDA
 from mtlgrad.aggregators._moco import MoCo
+from mtlgrad.aggregators._modo import MoDo
 from mtlgrad.aggregators._nash_mtl import NashMTL
 from mtlgrad.aggregators._pcd import PCD
 from mtlgrad.aggregators._pcgrad import PCGrad
 from mtlgrad.aggregators._rlw import RLW
+from mtlgrad.aggregators._sdmgrad import SDMGrad
 from mtlgrad.aggregators._sum import Sum
 from mtlgrad.aggregators._trimmed_mean import TrimmedMean
 from mtlgrad.aggregators._upgrad import UPGrad
@@ -56,10 +58,12 @@ __all__ = [
     "Mean",
     "MGDA",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCD",
     "PCGrad",
     "RLW",
+    "SDMGrad",
     "Sum",
     "TrimmedMean",
     "UPGrad",

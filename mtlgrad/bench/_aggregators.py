@@ -51,6 +51,8 @@ def _ours(name: str, T: int) -> Any:
         "TrimmedMean": lambda: ours.TrimmedMean(trim_number=(T - 1) // 4),
         "CRMOGM": lambda: ours.CRMOGM(ours.UPGrad(reg_eps=1e-4)),
         "DBMTL": lambda: _WithLosses(ours.DBMTL()),
+        "MoDo": lambda: ours.MoDo(num_tasks=_sub_batch_tasks(T)),
+        "SDMGrad": lambda: ours.SDMGrad(num_tasks=_sub_batch_tasks(T)),
     }
     return factories.get(name, getattr(ours, name))()
 
@@ -68,6 +70,25 @@ class _WithLosses:
     def aggregate(self, grads: list[torch.Tensor], T: int, out: Any = None) -> Any:
         losses = torch.ones(T, dtype=torch.float64)
         return self.aggregator.aggregate(grads, T, out, losses=losses)
+
+
+def _sub_batch_tasks(T: int) -> int:
+    """The double-sampling methods read the T rows as 2 (or else 3) sub-batches of the tasks."""
+    return T // 2 if T % 2 == 0 else T // 3
+
+
+class _TorchJDDoubleSampling:
+    """TorchJD's ``MoDoWeighting`` / ``SDMGradWeighting`` (which take ``J₁ J₂ᵀ``) on the same
+    rows as ours: the cross block, the weighting, then the weighted sum of the rows."""
+
+    def __init__(self, weighting: Any, T: int) -> None:
+        self.weighting, self.T = weighting, T
+
+    def __call__(self, J: torch.Tensor) -> torch.Tensor:
+        t = _sub_batch_tasks(self.T)
+        v = self.weighting(J[:t] @ J[t : 2 * t].T)
+        w = torch.cat([v / 2, v / 2]) if 2 * t == self.T else torch.cat([0 * v, 0 * v, v])
+        return w @ J
 
 
 # method -> TorchJD's aggregator of the same method for T tasks (None: TorchJD has none)
@@ -99,10 +120,15 @@ _TORCHJD: dict[str, Callable[[Any, int], Any] | None] = {
     "ExcessMTL": lambda jd, T: jd.ExcessMTL(),
     "MoCo": None,
     "DBMTL": None,
+    # The rows are 2 (or else 3) sub-batches of T/2 (T/3) tasks: MoDo, SDMGrad need one of them.
+    "MoDo": lambda jd, T: _TorchJDDoubleSampling(jd.MoDoWeighting(), T),
+    "SDMGrad": lambda jd, T: _TorchJDDoubleSampling(jd.SDMGradWeighting(), T),
 }
 METHODS = list(_TORCHJD)
 # Methods that need more tasks than some configurations have (Krum: a score needs a neighbour).
-_MIN_TASKS = {"Krum": 3}
+_MIN_TASKS = {"Krum": 3, "MoDo": 2, "SDMGrad": 2}
+# Methods whose rows are the tasks on 2 (or 3) sub-batches: T must be even (or a multiple of 3).
+_DOUBLE_SAMPLING = {"MoDo", "SDMGrad"}
 
 
 @dataclass
@@ -211,7 +237,8 @@ def _per_method(
             "(every figure's are in the JSON); floor: the native gram + combine alone on the "
             "same J, the floor of any Gram-based method (GradDrop and TrimmedMean are "
             "elementwise: not theirs); TorchJD: the same method's aggregator on the same J; "
-            "Krum needs T >= 3 (no row below)",
+            "Krum needs T >= 3 (no row below); MoDo and SDMGrad read the T rows as 2 sub-batches "
+            "of T/2 tasks (3 of T/3 for odd T)",
             FLAGS_NOTE,
         ],
     )
@@ -234,6 +261,9 @@ def _per_method(
         for name in config.methods:
             if _MIN_TASKS.get(name, 1) > T:
                 progress(f"aggregators T={T}: {name} needs T >= {_MIN_TASKS[name]}, skipped")
+                continue
+            if name in _DOUBLE_SAMPLING and T % 2 and T % 3:
+                progress(f"aggregators T={T}: {name} needs 2 or 3 sub-batches, skipped")
                 continue
             agg = _ours(name, T)
             t_weights: Timing | None = None
