@@ -238,8 +238,10 @@ NOT_AVAILABLE: dict[str, str] = {
     "IMTL-L, which mtlgrad does not have)",
     "ExcessMTL": "aggregators.ExcessMTL (TorchJD's formulation; LibMTL's keyword arguments are "
     "not translated)",
-    "MoDo": "aggregators.MGDA",
-    "SDMGrad": "aggregators.MGDA, aggregators.CAGrad",
+    "MoDo": "aggregators.MoDo (called with the losses of 2 or 3 sub-batches; LibMTL's keyword "
+    "arguments are not translated)",
+    "SDMGrad": "aggregators.SDMGrad (called with the losses of 2 or 3 sub-batches; LibMTL's "
+    "keyword arguments are not translated)",
     "MOML": "none (a bilevel method); closest: weighting.UncertaintyWeighting",
     "FORUM": "none (a bilevel method); closest: weighting.UncertaintyWeighting",
     "AutoLambda": "none (a bilevel method); closest: weighting.UncertaintyWeighting",

@@ -131,12 +131,13 @@ MAPPED: dict[str, Callable[..., agg.Aggregator]] = {
     "ExcessMTL": _excess_mtl,
 }
 
-#: TorchJD methods mtlgrad does not have, with the closest mtlgrad aggregators.
+#: TorchJD methods not translated (their calling conventions differ), with what to use.
 NOT_MAPPED: dict[str, str] = {
-    "CRMOGM": "aggregators.CRMOGM(the mtlgrad equivalent of the weighting it wraps), built by "
-    "hand (the wrapped TorchJD weighting is not translated)",
-    "MoDo": "none; closest: MGDA",
-    "SDMGrad": "none; closest: MGDA, CAGrad",
+    "CRMOGM": "build mtlgrad.aggregators.CRMOGM(...) around the mtlgrad equivalent of the "
+    "weighting it wraps",
+    "MoDo": "use mtlgrad.aggregators.MoDo(num_tasks), called with the losses of 2 or 3 sub-batches",
+    "SDMGrad": "use mtlgrad.aggregators.SDMGrad(num_tasks), called with the losses of 2 or 3 "
+    "sub-batches",
 }
 
 #: Attributes of TorchJD objects read into the keyword arguments of :data:`MAPPED`'s builders.
@@ -192,8 +193,8 @@ def from_torchjd(aggregator: Any, **kwargs: Any) -> agg.Aggregator:
       first value (TorchJD: by the first value plus 1e-7).
 
     A preference vector other than the default, a custom ``projector`` or GradDrop ``f``, and
-    the TorchJD methods not translated (CRMOGM, MoDo, SDMGrad) raise a ``ValueError`` naming the
-    closest mtlgrad aggregators.
+    the TorchJD methods not translated (CRMOGM, MoDo, SDMGrad: their calling conventions differ)
+    raise a ``ValueError`` saying which mtlgrad aggregator to use.
     """
     if isinstance(aggregator, agg.Aggregator):
         if kwargs:
@@ -239,9 +240,7 @@ def from_torchjd(aggregator: Any, **kwargs: Any) -> agg.Aggregator:
 def _build(name: str, kwargs: dict[str, Any]) -> agg.Aggregator:
     base = name.removesuffix("Weighting")
     if base in NOT_MAPPED:
-        raise ValueError(
-            f"from_torchjd: mtlgrad has no {base}: {NOT_MAPPED[base]} (in mtlgrad.aggregators)"
-        )
+        raise ValueError(f"from_torchjd: TorchJD's {base} is not translated: {NOT_MAPPED[base]}")
     builder = MAPPED.get(base)
     if builder is None:
         raise ValueError(
