@@ -30,7 +30,8 @@ DEFAULT_TOY_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nashmtl", "upgrad", 
 # Available by name (--methods), not run by default.
 BY_NAME_METHODS = (
     *("dualproj", "alignedmtl", "config", "gradvac", "graddrop", "rlw", "constant"),
-    *("excessmtl", "moco", "dbmtl", "krum", "trimmedmean", "pcd", "crmogm", "gls", "stch"),
+    *("excessmtl", "moco", "dbmtl", "modo", "sdmgrad", "krum", "trimmedmean", "pcd", "crmogm"),
+    *("gls", "stch"),
 )
 LOSS_WEIGHTINGS = ("uw", "gradnorm", "dwa", "famo", "gls", "stch")
 # (default, --quick) steps

@@ -27,8 +27,10 @@ from mtlgrad.aggregators import (
     Krum,
     Mean,
     MoCo,
+    MoDo,
     NashMTL,
     PCGrad,
+    SDMGrad,
     Sum,
     TrimmedMean,
     UPGrad,
@@ -56,6 +58,8 @@ GRADNORM_LR = 0.025
 # 0.1, 1, 10, 100: their MSE scales as σ_i²), 1 for the classification task. The toy has other
 # tasks: Constant is not run there.
 CONSTANT_WEIGHTS = (100.0, 1.0, 0.01, 1e-4, 1.0)
+# The multi-task problem's task count (MoDo and SDMGrad split their losses by it).
+DEMO_TASKS = len(CONSTANT_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class Method:
             model's).
         toy: False for an aggregator made for the multi-task problem's tasks (Constant's
             weights), which the toy does not offer (nor the loss weightings).
+        samples: double-sampling methods (MoDo, SDMGrad): the training loop splits each batch
+            into this many sub-batches and hands the aggregator every task's loss on each
+            (sample-major); 1 for every other method.
     """
 
     key: str
@@ -82,6 +89,7 @@ class Method:
     make_weighting: Callable[[DemoModel, list[Task], int], LossWeighting] | None = None
     weighting_lr: float | None = None
     toy: bool = True
+    samples: int = 1
 
     def __post_init__(self) -> None:
         if (self.make is None) == (self.make_weighting is None):
@@ -149,6 +157,9 @@ METHODS = {
         Method("excessmtl", "ExcessMTL", lambda seed: ExcessMTL()),
         Method("moco", "MoCo", lambda seed: MoCo()),
         Method("dbmtl", "DB-MTL", lambda seed: DBMTL()),
+        # Double sampling: each batch split in two, the weights' step from J1 J2ᵀ.
+        Method("modo", "MoDo", lambda seed: MoDo(DEMO_TASKS), toy=False, samples=2),
+        Method("sdmgrad", "SDMGrad", lambda seed: SDMGrad(DEMO_TASKS), toy=False, samples=2),
         Method("constant", "Constant", lambda seed: Constant(CONSTANT_WEIGHTS), toy=False),
         # Robust aggregation (5 tasks: one may be an outlier), PCD (task 0 primary), and UPGrad's
         # weights smoothed across steps.

@@ -13,6 +13,7 @@ from mtlgrad.demo._methods import Method
 from mtlgrad.demo._metrics import evaluate
 from mtlgrad.demo._problem import DemoModel, DemoProblem, task_loss
 from mtlgrad.optim import MTLOptimizer
+from mtlgrad.step import StepRecord
 from mtlgrad.weighting import LossWeighting
 
 __all__ = ["MethodResult", "TrainConfig", "epoch_length", "train"]
@@ -151,6 +152,17 @@ def train(
             )
         }
 
+    def step_losses(index: Tensor) -> dict[str, Tensor]:
+        """The batch's losses; for a double-sampling method, every task's loss on each of its
+        sub-batches, sample-major (``name/1``, ..., then ``name/2``, ...)."""
+        if method.samples == 1:
+            return batch_losses(index)
+        return {
+            f"{name}/{s}": loss
+            for s, part in enumerate(index.chunk(method.samples), start=1)
+            for name, loss in batch_losses(part).items()
+        }
+
     result = MethodResult(method)
     every = max(1, config.steps // max(1, config.evaluations))
     eval_at = set(range(every, config.steps + 1, every)) | {config.steps}
@@ -167,7 +179,7 @@ def train(
     for step in range(1, config.steps + 1):
         index = next(batches)
         start = time.perf_counter()
-        losses = batch_losses(index)
+        losses = step_losses(index)
         optimizer.zero_grad()
         if weighting is not None:
             weighting(losses).backward()
@@ -184,10 +196,14 @@ def train(
         elapsed += time.perf_counter() - start
 
         # The record's own statistics (StepRecord.cosines / .conflicts: None without a Gram
-        # matrix).
-        step_cosines = None if record is None else record.cosines
-        if record is not None and step_cosines is not None:
-            conflict_sum += record.conflicts
+        # matrix); for a double-sampling method, those of the first sub-batch's T tasks.
+        stats = record
+        if record is not None and method.samples > 1 and record.gram is not None:
+            T = len(names)
+            stats = StepRecord(names, None, record.gram[:T, :T].clone())
+        step_cosines = None if stats is None else stats.cosines
+        if stats is not None and step_cosines is not None:
+            conflict_sum += stats.conflicts
             conflict_count += 1
             cosine_sum = step_cosines if cosine_sum is None else cosine_sum + step_cosines
             cosine_count += 1
@@ -209,5 +225,6 @@ def train(
     if weighting is not None:
         result.weights = final_weights.tolist()
     elif record is not None and record.weights is not None:
-        result.weights = record.weights.tolist()
+        # A double-sampling method's weights are per sub-batch: a task's weight is their sum.
+        result.weights = record.weights.view(method.samples, -1).sum(0).tolist()
     return result
