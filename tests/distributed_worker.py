@@ -107,6 +107,16 @@ def expect_mismatch(fn, needle: str) -> None:
     raise AssertionError("no DistributedMismatchError")
 
 
+def check_replicas(params: list[torch.Tensor], reference: list[torch.Tensor], world: int) -> None:
+    """This rank's parameters equal one process's (1e-10), and every rank's are bitwise equal."""
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    flat = torch.cat([p.reshape(-1) for p in params])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+
+
 def scenario_equivalence(world: int, rank: int, port: int) -> None:
     # The references first, before torch.distributed exists: one process, the global batch.
     references = {(m, e): train(m, e, world, None, False) for m in METHODS for e in ENGINES}
@@ -114,12 +124,7 @@ def scenario_equivalence(world: int, rank: int, port: int) -> None:
     for (method, engine), reference in references.items():
         for ddp in (False, True):
             params = train(method, engine, world, rank, ddp)
-            for p, q in zip(params, reference):
-                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-            flat = torch.cat([p.reshape(-1) for p in params])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            check_replicas(params, reference, world)
             print(f"ok {method} {engine} ddp={ddp}", flush=True)
 
 
@@ -130,12 +135,7 @@ def scenario_sharded(world: int, rank: int, port: int) -> None:
     for method, reference in references.items():
         for ddp in (False, True):
             params = train(method, "loop", world, rank, ddp, mode="sharded")
-            for p, q in zip(params, reference):
-                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-            flat = torch.cat([p.reshape(-1) for p in params])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            check_replicas(params, reference, world)
             print(f"ok sharded {method} ddp={ddp}", flush=True)
     torch.manual_seed(0)
     net = Net().double()
@@ -324,12 +324,7 @@ def scenario_features(world: int, rank: int, port: int) -> None:
     for method, reference in references.items():
         for ddp in (False, True):
             params = train_features(method, world, rank, ddp)
-            for p, q in zip(params, reference):
-                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-            flat = torch.cat([p.reshape(-1) for p in params])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
+            check_replicas(params, reference, world)
             print(f"ok features {method} ddp={ddp}", flush=True)
     torch.manual_seed(0)
     net = FeatureNet().double()
