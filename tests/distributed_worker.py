@@ -117,6 +117,18 @@ def check_replicas(params: list[torch.Tensor], reference: list[torch.Tensor], wo
     assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
 
 
+def expect_refused(step, needle: str, ok: str, otherwise: str) -> None:
+    """``step()`` raises NotImplementedError mentioning ``needle`` (on every rank: each prints
+    ``ok``); that it runs is a failure (``otherwise``)."""
+    try:
+        step()
+    except NotImplementedError as error:
+        assert needle in str(error), str(error)
+        print(ok, flush=True)
+        return
+    raise AssertionError(otherwise)
+
+
 def scenario_equivalence(world: int, rank: int, port: int) -> None:
     # The references first, before torch.distributed exists: one process, the global batch.
     references = {(m, e): train(m, e, world, None, False) for m in METHODS for e in ENGINES}
@@ -140,18 +152,17 @@ def scenario_sharded(world: int, rank: int, port: int) -> None:
     torch.manual_seed(0)
     net = Net().double()
     x, y = batch(0, world)
-    try:
-        mtlgrad.backward(
+    expect_refused(
+        lambda: mtlgrad.backward(
             losses_of(net, x, y),
             shared_params=net.trunk.parameters(),
             aggregator=GradDrop(),
             distributed="sharded",
-        )
-    except NotImplementedError as error:
-        assert "GradDrop is elementwise" in str(error), str(error)
-        print("ok elementwise refused", flush=True)
-        return
-    raise AssertionError("GradDrop ran in sharded mode")
+        ),
+        "GradDrop is elementwise",
+        "ok elementwise refused",
+        "GradDrop ran in sharded mode",
+    )
 
 
 def scenario_dcp(world: int, rank: int, port: int) -> None:
@@ -249,18 +260,17 @@ def scenario_gram_engine_refused(world: int, rank: int, port: int) -> None:
     net = Net().double()
     engine = mtlgrad.GramEngine(net)
     x, y = batch(0, world)
-    try:
-        mtlgrad.backward(
+    expect_refused(
+        lambda: mtlgrad.backward(
             losses_of(net, x, y),
             shared_params=net.trunk.parameters(),
             aggregator=UPGrad(),
             engine=engine,
-        )
-    except NotImplementedError as error:
-        assert "torch.distributed" in str(error), str(error)
-        print("ok refused", flush=True)
-        return
-    raise AssertionError("the gram engine ran under torch.distributed")
+        ),
+        "torch.distributed",
+        "ok refused",
+        "the gram engine ran under torch.distributed",
+    )
 
 
 def scenario_rank_dies(world: int, rank: int, port: int) -> None:
@@ -330,18 +340,17 @@ def scenario_features(world: int, rank: int, port: int) -> None:
     net = FeatureNet().double()
     x, y = batch(0, world)
     z, outputs = net(x)
-    try:
-        mtlgrad.backward(
+    expect_refused(
+        lambda: mtlgrad.backward(
             [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)],
             shared_params=net.trunk.parameters(),
             aggregator=GradDrop(),
             features=z,
-        )
-    except NotImplementedError as error:
-        assert "GradDrop is elementwise" in str(error), str(error)
-        print("ok elementwise refused", flush=True)
-        return
-    raise AssertionError("GradDrop with features= ran under torch.distributed")
+        ),
+        "GradDrop is elementwise",
+        "ok elementwise refused",
+        "GradDrop with features= ran under torch.distributed",
+    )
 
 
 def scenario_accumulation(world: int, rank: int, port: int) -> None:

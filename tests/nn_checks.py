@@ -122,13 +122,14 @@ def check_training(
     steps: int = 15,
     lr: float = 2e-2,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    with_model: bool = False,
 ) -> None:
-    """A few MTLOptimizer steps lower every task's loss (a tiny fixed-batch problem)."""
-    optimizer = MTLOptimizer(
-        torch.optim.Adam(model.parameters(), lr=lr),
-        aggregator,
-        shared_params=model.shared_parameters(),
-    )
+    """A few MTLOptimizer steps lower every task's loss (a tiny fixed-batch problem). The
+    optimizer gets ``shared_params=model.shared_parameters()`` (its graph walk finds the heads),
+    or with ``with_model`` the model itself (its exact partition, no walk; the losses go as a
+    dict keyed by the task names)."""
+    partition = {"model": model} if with_model else {"shared_params": model.shared_parameters()}
+    optimizer = MTLOptimizer(torch.optim.Adam(model.parameters(), lr=lr), aggregator, **partition)
     with torch.no_grad():
         before = {k: v.item() for k, v in loss_fn(model(x)).items()}
     for _ in range(steps):

@@ -7,11 +7,10 @@ import io
 from collections.abc import Callable
 
 import torch
-from nn_checks import LossFn
+from nn_checks import LossFn, check_training
 
 from mtlgrad.aggregators import Aggregator
 from mtlgrad.nn import MultiTaskModule
-from mtlgrad.optim import MTLOptimizer
 
 
 def check_training_with_model(
@@ -23,21 +22,8 @@ def check_training_with_model(
     lr: float = 2e-2,
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> None:
-    """A few steps of MTLOptimizer(..., model=model), losses passed as a dict keyed by the task
-    names, lower every task's loss (a tiny fixed-batch problem)."""
-    optimizer = MTLOptimizer(torch.optim.Adam(model.parameters(), lr=lr), aggregator, model=model)
-    with torch.no_grad():
-        before = {k: v.item() for k, v in loss_fn(model(x)).items()}
-    for _ in range(steps):
-        optimizer.zero_grad()
-        if extra_loss is not None:
-            extra_loss().backward()
-        optimizer.backward(loss_fn(model(x)))
-        optimizer.step()
-    with torch.no_grad():
-        after = {k: v.item() for k, v in loss_fn(model(x)).items()}
-    for task in model.task_names:
-        assert after[task] < 0.9 * before[task], (task, before[task], after[task])
+    """:func:`nn_checks.check_training` through ``MTLOptimizer(..., model=model)``."""
+    check_training(model, x, loss_fn, aggregator, steps, lr, extra_loss, with_model=True)
 
 
 def check_state_dict_round_trip(make_model: Callable[[int], MultiTaskModule], x: object) -> None:

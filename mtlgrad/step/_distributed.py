@@ -394,10 +394,8 @@ class Ranks:
     def reached_union(self, grads: Any, level: Sequence[Tensor]) -> list[int]:
         """The inputs of the shared level that some task reaches on some rank (the step's
         ``reached``, made the same on every rank)."""
-        K = len(level)
-        mask = torch.tensor(
-            [any(g[k] is not None for g in grads.level) for k in range(K)], dtype=torch.int32
-        )
+        mask = torch.zeros(len(level), dtype=torch.int32)
+        mask[grads.reached] = 1  # this rank's (computed once, with the gradients)
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
         grads.reached = mask.nonzero().flatten().tolist()
         return grads.reached

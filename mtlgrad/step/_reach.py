@@ -86,7 +86,7 @@ def check_features_reached(
             unreached = not parts.feature_reach[k]
         else:
             assert grads is not None
-            unreached = all(g[k] is None for g in grads.level)
+            unreached = k not in grads.reached
         if unreached:
             raise ValueError(
                 f"mtlgrad.backward: no task's loss depends on features[{k}] (shape "
@@ -98,9 +98,11 @@ def check_features_reached(
 def warn_shared_without_gradient(
     parts: Partition, grads: TaskGradients, names: Sequence[str]
 ) -> None:
-    """A shared parameter that the walk sees some loss reach, with no gradient from any task."""
+    """A shared parameter that the walk sees some loss reach, with no gradient from any task
+    (not among the gradients' ``reached`` inputs)."""
+    reached = set(grads.reached)
     for k, (p, tasks) in enumerate(zip(parts.shared, parts.reach or [])):
-        if tasks and all(g[k] is None for g in grads.level):
+        if tasks and k not in reached:
             users = ", ".join(repr(names[t]) for t in tasks)
             warnings.warn(
                 f"mtlgrad.backward: {_describe(p, k)} is used by the loss of {users}, but "
