@@ -254,22 +254,106 @@ def scenario_generators_differ(world: int, rank: int, port: int) -> None:
     )
 
 
-def scenario_gram_engine_refused(world: int, rank: int, port: int) -> None:
-    init(world, rank, port)
+class GramTrunk(nn.Module):
+    """Every path of the gram engine: Linear (one of them called twice), Embedding, LayerNorm, a
+    module of the generic path (PReLU), and a layer that only some forwards use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 6)
+        self.table = nn.Embedding(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.twice = nn.Linear(6, 6)
+        self.act = nn.PReLU(6)
+        self.extra = nn.Linear(6, 6)
+        self.use_extra = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-0.5, 0.0, 0.5], dtype=x.dtype))
+        h = torch.tanh(self.norm(self.embed(x) + self.table(ids)))
+        h = self.act(self.twice(torch.tanh(self.twice(h))))
+        return self.extra(h) if self.use_extra else h
+
+
+class GramNet(nn.Module):
+    """A trunk for the gram engine, and a shared parameter outside it (the free path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = GramTrunk()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(TASKS))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x) * self.scale
+        return [h(z).squeeze(-1) for h in self.heads]
+
+    def shared(self) -> list[torch.Tensor]:
+        return [*self.trunk.parameters(), self.scale]
+
+
+def gram_optimizer(net: GramNet, method: str, engine: str, **kwargs) -> MTLOptimizer:
+    return MTLOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        make_aggregator(method),
+        shared_params=net.shared(),
+        engine=mtlgrad.GramEngine(net.trunk) if engine == "gram" else engine,
+        **kwargs,
+    )
+
+
+def train_gram(
+    method: str, engine: str, world: int, rank: int | None, ddp: bool
+) -> list[torch.Tensor]:
+    """STEPS steps of GramNet; ``rank`` None: one process on the global batch."""
     torch.manual_seed(0)
-    net = Net().double()
-    engine = mtlgrad.GramEngine(net)
+    net = GramNet().double()
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    optimizer = gram_optimizer(net, method, engine)
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        if rank is not None:
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y = x[rows], y[rows]
+        optimizer.zero_grad()
+        optimizer.backward(losses_of(model, x, y))
+        optimizer.step()
+    assert net.trunk.extra.weight.grad is None  # reached by no loss: no .grad, as in PyTorch
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def scenario_gram_engine(world: int, rank: int, port: int) -> None:
+    """The gram engine, each layer's T gradients averaged over the ranks: one process's step on
+    the global batch (the loop engine's, in one process); a plan that differs between the ranks,
+    per-sample losses and sharded mode are refused on every rank."""
+    references = {m: train_gram(m, "loop", world, None, False) for m in METHODS}
+    init(world, rank, port)
+    for method, reference in references.items():
+        for ddp in (False, True):
+            params = train_gram(method, "gram", world, rank, ddp)
+            check_replicas(params, reference, world)
+            print(f"ok gram {method} ddp={ddp}", flush=True)
+    torch.manual_seed(0)
+    net = GramNet().double()
+    optimizer = gram_optimizer(net, "UPGrad", "gram")
     x, y = batch(0, world)
+    net.trunk.use_extra = rank == 0
+    expect_mismatch(lambda: optimizer.backward(losses_of(net, x, y)), "the Gram engine's plan")
+    assert all(p.grad is None for p in net.parameters())
+    net.trunk.use_extra = False
+    per_sample = torch.stack([(o - y[:, t]) ** 2 for t, o in enumerate(net(x))], dim=1)
     expect_refused(
-        lambda: mtlgrad.backward(
-            losses_of(net, x, y),
-            shared_params=net.trunk.parameters(),
-            aggregator=UPGrad(),
-            engine=engine,
-        ),
-        "torch.distributed",
-        "ok refused",
-        "the gram engine ran under torch.distributed",
+        lambda: optimizer.backward(per_sample),
+        "per-sample losses",
+        "ok per-sample refused",
+        "per-sample losses were averaged over the ranks",
+    )
+    sharded = gram_optimizer(net, "UPGrad", "gram", distributed="sharded")
+    expect_refused(
+        lambda: sharded.backward(losses_of(net, x, y)),
+        "distributed='replicated'",
+        "ok sharded refused",
+        "the gram engine ran in sharded mode",
     )
 
 
@@ -434,7 +518,7 @@ SCENARIOS = {
     "accumulation": scenario_accumulation,
     "task_counts_differ": scenario_task_counts_differ,
     "generators_differ": scenario_generators_differ,
-    "gram_engine_refused": scenario_gram_engine_refused,
+    "gram_engine": scenario_gram_engine,
     "rank_dies": scenario_rank_dies,
 }
 

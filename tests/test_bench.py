@@ -245,15 +245,17 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     assert (torchjd_row["ms"] is not None) is torchjd
 
     # What each distributed mode sends, counted (T=3 tasks, 2 ranks): a ring all-reduce of the
-    # T x P task gradients sends T x P per rank; sharded, (T + 1) / 2 x P; features, about P.
+    # T x P task gradients sends T x P per rank; sharded, (T + 1) / 2 x P; features, about P;
+    # the gram engine, T x P in per-layer pieces, then P for the update.
     distributed = json.loads(next(tmp_path.glob("bench-distributed-*.json")).read_text())
     modes = {r["mode"]: r for r in distributed["tables"][0]["rows"]}
-    assert sorted(modes) == ["features", "naive", "replicated", "sharded"]
+    assert sorted(modes) == ["features", "gram", "naive", "replicated", "sharded"]
     assert modes["naive"]["x_naive"] == 1.0
     for mode in ("naive", "replicated"):
         assert 1.0 <= modes[mode]["ring_over_tp"] < 1.1, mode
     assert modes["sharded"]["ring_over_tp"] == pytest.approx(4 / 6, abs=0.05)
     assert modes["features"]["ring_over_tp"] == pytest.approx(1 / 3, abs=0.05)
+    assert modes["gram"]["ring_over_tp"] == pytest.approx(4 / 3, abs=0.05)
     assert "all_gather_into_tensor x1" in modes["sharded"]["collectives"]
     assert "reduce_scatter_tensor x1" in modes["sharded"]["collectives"]
     naive_calls = int(modes["naive"]["collectives"].split("all_reduce x")[1].split(",")[0])

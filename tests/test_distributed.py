@@ -105,9 +105,13 @@ def test_generators_that_differ_raise_on_every_rank() -> None:
         assert "ok raised" in out and "generator state" in out, out
 
 
-def test_the_gram_engine_is_refused_on_every_rank() -> None:
-    for out in launch("gram_engine_refused", 2, timeout=120):
-        assert "ok refused" in out, out
+@pytest.mark.parametrize("world", [2, 3])
+def test_gram_engine_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
+    for out in launch("gram_engine", world, timeout=300):
+        assert out.count("ok gram") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
+        assert out.count("ok raised") == 1, out[-2000:]  # the plans differ
+        assert "ok per-sample refused" in out, out[-2000:]
+        assert "ok sharded refused" in out, out[-2000:]
 
 
 def test_a_rank_that_dies_fails_the_others_within_the_timeout() -> None:

@@ -8,7 +8,9 @@ ways to keep the replicas one model:
   per task, no buckets), then the aggregation: what a training loop written by hand does;
 - ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces);
 - ``sharded``: ``distributed="sharded"`` (reduce-scatter, T x T all-reduce, all-gather);
-- ``features``: ``features=z`` (one T x T all-reduce, then the trunk's gradient averaged).
+- ``features``: ``features=z`` (one T x T all-reduce, then the trunk's gradient averaged);
+- ``gram``: the Gram engine (each layer's T gradients averaged as its backward produces them,
+  then the update of ``Σ_t w_t L_t`` averaged).
 
 Bytes are counted in each rank by wrapping torch.distributed's collectives during one step:
 ``payload`` is the size of the tensors handed to them (an all-reduce's tensor, a reduce-scatter's
@@ -34,7 +36,7 @@ import torch
 
 from mtlgrad.bench._harness import FLAGS_NOTE, Column, Table, Timer, Timing, flags, ratio, timed
 
-MODES = ("naive", "replicated", "sharded", "features")
+MODES = ("naive", "replicated", "sharded", "features", "gram")
 # What a ring algorithm sends per rank, per byte of payload (W: the world size).
 RING_FACTOR: dict[str, Callable[[int], float]] = {
     "all_reduce": lambda w: 2 * (w - 1) / w,
@@ -168,6 +170,8 @@ def build_step(
         for p, d in zip(shared, out):
             p.grad = d
 
+    engine = mtlgrad.GramEngine(model.trunk) if mode == "gram" else "loop"
+
     def ours(i: int) -> None:
         x, y = batches[i % 2]
         model.zero_grad()
@@ -178,6 +182,7 @@ def build_step(
             aggregator=aggregator,
             task_params=heads,
             features=z if mode == "features" else None,
+            engine=engine,
             distributed="sharded" if mode == "sharded" else "replicated",
         )
 
@@ -291,7 +296,8 @@ def run(
             "naive: each task's gradient all-reduced on its own (T calls), then the aggregation; "
             "replicated: mtlgrad.backward (bucketed asynchronous all-reduces); sharded: "
             "distributed='sharded' (reduce-scatter, T x T all-reduce, all-gather); features: "
-            "features=z (T x T all-reduce, then the trunk's gradient averaged)",
+            "features=z (T x T all-reduce, then the trunk's gradient averaged); gram: the Gram "
+            "engine (each layer's T gradients all-reduced during its backward, then the update)",
             "payload: bytes handed to the collectives in one step, counted in rank 0 (an "
             "all-reduce's tensor, a reduce-scatter's input, an all-gather's output); ring per "
             "rank: what a ring algorithm sends per rank for those calls; ring / T·P: over the "

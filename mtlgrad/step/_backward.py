@@ -144,13 +144,23 @@ def backward(
     if not aggregate:
         ranks = None  # accumulating only: nothing is sent
     if ranks is not None:
+        if isinstance(losses, Tensor) and losses.dim() > 1:
+            raise NotImplementedError(
+                "mtlgrad.backward under torch.distributed (more than one rank): losses of shape "
+                f"{list(losses.shape)} make each entry a loss (per-sample losses), and the ranks' "
+                "samples are different losses, which averaging over the ranks would mix up; pass "
+                "one loss per task (a sequence, a dict or a 1-D tensor)"
+            )
         ranks.check_supported(engine, feature_list, aggregator)
         ranks.check_step(names, level, aggregator, scale, features=feature_list is not None)
 
     # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
     #    (the gram engine: G itself, layer by layer).
-    if isinstance(engine, GramEngine):
-        grads = engine.differentiate(names, scaled, shared, heads, retain_graph=retain_graph)
+    gram_engine = isinstance(engine, GramEngine)
+    if gram_engine:
+        grads = engine.differentiate(
+            names, scaled, shared, heads, retain_graph=retain_graph, ranks=ranks
+        )
     else:
         grads = differentiate(
             names,
@@ -163,7 +173,7 @@ def backward(
         )
     if feature_list is not None:
         check_features_reached(feature_list, grads=grads)
-    elif parts is not None and not isinstance(engine, GramEngine):
+    elif parts is not None and not gram_engine:
         warn_shared_without_gradient(parts, grads, names)
     losses64 = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
     if accumulator is not None:  # the sums over the micro-batches, aggregated once
@@ -172,15 +182,21 @@ def backward(
             return None
         grads, losses64, scale = accumulator.take()
     if ranks is not None:  # every rank: the gradients and losses of the global batch
-        losses64 = ranks.average(grads, level, losses64, features=feature_list is not None)
+        # (not the features', each rank's own; sharded mode's are reduce-scattered at the
+        # aggregation; the gram engine's G is already that of the averaged gradients)
+        average_level = feature_list is None and not ranks.sharded and not gram_engine
+        losses64 = ranks.average(grads, level, losses64, average_level=average_level)
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
     trunk_mean = None
+    if ranks is not None and (feature_list is not None or gram_engine):
+        # the one backward of the write stage (through the trunk from the features, or of
+        # Σ_t w_t L_t for the gram engine) gives this rank's share: averaged over the ranks
+        trunk_mean = lambda trunk: ranks.mean_present(trunk, shared)  # noqa: E731
     if ranks is not None and feature_list is not None:  # the global batch's G: T x T summed
         aggregation = ranks.aggregate_features(
             aggregator, grads, feature_list, losses64, scale, check_finite
         )
-        trunk_mean = lambda trunk: ranks.mean_present(trunk, shared)  # noqa: E731
     elif ranks is not None and ranks.sharded:  # each rank aggregates its shard of every task
         aggregation = ranks.aggregate_sharded(
             aggregator, grads, shared, losses64, scale, check_finite

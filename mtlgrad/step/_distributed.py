@@ -23,15 +23,24 @@ matrices over the squared rank count: one T x T all-reduce. Every rank then comp
 weights, combines its own features' gradients, backpropagates them through its trunk, and the
 trunk's gradients are averaged over the ranks (one all-reduce of P, as DDP does).
 
-Not exact, hence refused with an error on every rank: the Gram engine (G of the averaged
-gradients needs the cross-rank products), and ``features=`` with an elementwise method (it needs
-every rank's feature gradients).
+The Gram engine (:class:`LayerAverages`) never holds the T gradients of all parameters, so it
+averages each layer's T gradients over the ranks as its backward produces them (the products
+between ranks are in G only if the gradients are averaged before their Gram), takes their Gram,
+and drops them; after the weights, the one backward of ``Σ_t w_t L_t`` gives each rank its share
+of the update, averaged (P). Sent: T x P in per-layer pieces, plus P: what replicated mode sends,
+with one or two layers' T gradients held instead of all of them.
+
+Not exact, hence refused with an error on every rank: ``features=`` with an elementwise method
+(it needs every rank's feature gradients), per-sample losses (the ranks' samples are different
+losses), and the Gram engine in sharded mode.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +49,7 @@ from torch import Tensor
 
 from mtlgrad import ops
 
-__all__ = ["MODES", "DistributedMismatchError", "Ranks", "ranks_of"]
+__all__ = ["MODES", "DistributedMismatchError", "LayerAverages", "Ranks", "ranks_of"]
 
 #: How the ranks share the aggregation (``distributed=`` of :func:`~mtlgrad.backward`).
 MODES = ("replicated", "sharded")
@@ -186,16 +195,16 @@ class Ranks:
     ) -> None:
         """What replicated mode cannot make exact: refused on every rank (the same settings
         everywhere make the same error everywhere)."""
+        from mtlgrad.aggregators import GramAggregator
         from mtlgrad.step._gram_engine import GramEngine
 
-        if isinstance(engine, GramEngine):
+        if isinstance(engine, GramEngine) and self.sharded:
             raise NotImplementedError(
-                "mtlgrad.backward under torch.distributed (more than one rank): the gram engine "
-                "is not supported yet (the Gram matrix of the rank-averaged gradients needs the "
-                "products between ranks); use engine='loop' or engine='batched', which average "
-                "each task's gradients over the ranks"
+                "mtlgrad.backward(distributed='sharded'): the gram engine never holds the "
+                "per-task gradients that sharded mode would reduce-scatter (it averages each "
+                "layer's over the ranks, then takes their Gram); use distributed='replicated' "
+                "with it, or engine='loop' / 'batched' with sharded mode"
             )
-        from mtlgrad.aggregators import GramAggregator
 
         if self.sharded and features is None and not isinstance(aggregator, GramAggregator):
             raise NotImplementedError(
@@ -212,12 +221,14 @@ class Ranks:
             )
 
     def average(
-        self, grads: Any, level: Sequence[Tensor], losses: Tensor, features: bool = False
+        self, grads: Any, level: Sequence[Tensor], losses: Tensor, average_level: bool = True
     ) -> Tensor:
         """Averages the step in place over the ranks: the shared level's per-task gradients now
-        (not the features': each rank keeps its own), the heads' when the write stage asks for
-        them; returns the averaged losses."""
-        if not features and not self.sharded:  # sharded: reduce-scattered at the aggregation
+        (with ``average_level``: not the features', each rank keeps its own; not in sharded mode,
+        where they are reduce-scattered at the aggregation; not the gram engine's, averaged layer
+        by layer in its backward), the heads' when the write stage asks for them; returns the
+        averaged losses."""
+        if average_level:
             self.average_level(grads, level)
         grads.map_heads(self.average_heads)
         return self.average_losses(losses)
@@ -399,3 +410,74 @@ class Ranks:
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
         grads.reached = mask.nonzero().flatten().tolist()
         return grads.reached
+
+
+# ---- the gram engine: each layer's T gradients averaged, in one order --------------------------
+
+# A layer of the gram engine, as the ranks send it: its key, then for each of its parameters its
+# position among the shared parameters, shape, dtype and device.
+Layout = list[tuple[Any, list[tuple[int, torch.Size, torch.dtype, torch.device]]]]
+
+
+class LayerAverages:
+    """The Gram engine under torch.distributed: each layer's T per-task gradients averaged over
+    the ranks before their Gram is added (``add(G, bad, positions)``, with the native ``gram``'s
+    result), so that G is that of the global batch's gradients, as in replicated mode, while no
+    more than two layers' T gradients are held.
+
+    The layers are sent in one order, the same on every rank (``layout``: the last layer first,
+    as the backward produces them); a layer that is ready early waits for its turn. Each layer's
+    all-reduce runs while the backward goes on, and its Gram is taken when the next layer is sent.
+    A layer this rank's backward did not reach is sent as zeros at :meth:`close`."""
+
+    def __init__(
+        self, ranks: Ranks, layout: Layout, T: int, add: Callable[[Tensor, Tensor, list[int]], None]
+    ) -> None:
+        self.ranks = ranks
+        self.layout = [(key, entries) for key, entries in layout if entries]
+        self.T = T
+        self.add = add
+        self.ready: dict[Any, dict[int, Tensor | None]] = {}
+        self.sent = 0
+        self.in_flight: deque = deque()
+
+    def put(self, key: Any, grads: Sequence[tuple[int, Tensor | None]]) -> None:
+        """A layer's T gradients, ``(position, T x ...)`` for each of its parameters."""
+        self.ready[key] = dict(grads)
+        while self.sent < len(self.layout) and self.layout[self.sent][0] in self.ready:
+            self._send()
+
+    def close(self) -> None:
+        """After the backward: the layers not reached here (zeros), then every Gram."""
+        for key, _ in self.layout[self.sent :]:
+            self.ready.setdefault(key, {})
+        while self.sent < len(self.layout):
+            self._send()
+        while self.in_flight:
+            self._complete()
+
+    def _send(self) -> None:
+        key, entries = self.layout[self.sent]
+        self.sent += 1
+        given = self.ready.pop(key)
+        parts = []
+        for position, shape, dtype, device in entries:
+            g = given.get(position)
+            n = math.prod(shape)
+            if g is None:
+                parts.append(torch.zeros(self.T, n, dtype=dtype, device=device))
+            else:
+                parts.append(g.reshape(self.T, n).to(dtype))
+        flat = torch.cat(parts, dim=1)  # a new buffer: the all-reduce writes into it
+        work = dist.all_reduce(flat, group=self.ranks.group, async_op=True)
+        self.in_flight.append((flat, work, entries))
+        while len(self.in_flight) > 1:
+            self._complete()
+
+    def _complete(self) -> None:
+        flat, work, entries = self.in_flight.popleft()
+        work.wait()
+        flat.div_(self.ranks.world)
+        columns = flat.split([math.prod(shape) for _, shape, _, _ in entries], dim=1)
+        G, bad = torch.ops.mtlgrad.gram([c[t] for t in range(self.T) for c in columns], self.T)
+        self.add(G, bad, [position for position, *_ in entries])

@@ -36,7 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mtlgrad import ops
 from mtlgrad.aggregators import Aggregation, Aggregator, GramAggregator
+from mtlgrad.step._distributed import LayerAverages, Ranks
 from mtlgrad.step._layer_grams import (
+    Block,
     LayerCall,
     LayerHandler,
     contribution,
@@ -45,6 +47,9 @@ from mtlgrad.step._layer_grams import (
 )
 
 __all__ = ["GramEngine"]
+
+# The key of the free parameters' entry in the layout of the averages under torch.distributed.
+FREE = "free parameters"
 
 # Past this many nodes, the walk of one call's part of the graph gives up: its parameters are
 # then treated as free (exact, through autograd).
@@ -160,8 +165,10 @@ class GramEngine:
         heads: Sequence[Sequence[Tensor]],
         *,
         retain_graph: bool,
+        ranks: Ranks | None = None,
     ) -> TaskGram:
-        """G of the losses' gradients with respect to ``shared`` (the first stage of the step)."""
+        """G of the losses' gradients with respect to ``shared`` (the first stage of the step);
+        under torch.distributed (``ranks``), G of the gradients averaged over the ranks."""
         if not self._handles:
             raise RuntimeError("this GramEngine's hooks were removed; build a new one")
         T = len(losses)
@@ -175,7 +182,9 @@ class GramEngine:
                 "way). Build the engine before the forward passes it is to differentiate",
                 stacklevel=3,
             )
-        phase = _run(self, stacked, plan, T)
+        if ranks is not None:
+            ranks.check_same("the Gram engine's plan", plan.describe())
+        phase = _run(self, stacked, plan, T, ranks)
         return TaskGram(
             names=list(names),
             losses=list(losses),
@@ -185,8 +194,9 @@ class GramEngine:
             gram=phase.gram,
             first_bad=phase.first_bad,
             retain_graph=retain_graph,
-            # One task's own loss: a slice of the stack would backpropagate zeros through
-            # the other losses (0 * Inf is NaN again).
+            # One task's own loss: a slice of the stack would backpropagate zeros through the
+            # other losses (0 * Inf is NaN again). Under torch.distributed, on this rank only (the
+            # NaN checks see the same averaged G everywhere; each rank tells its own NaN's source).
             blame=lambda t: _run(self, losses[t].reshape(1), plan, 1),
         )
 
@@ -377,6 +387,37 @@ class _Plan:
         expected = {key: len(scan.calls.get(key, [])) for key in layer_params}
         return _Plan(layer_params, layers, expected, free, reached, list(shared))
 
+    def layout(self) -> list[tuple[Any, list[tuple[int, torch.Size, torch.dtype, torch.device]]]]:
+        """What each layer's T gradients look like under torch.distributed, in the order they
+        are averaged: the layers from the last shared parameter to the first (the order of the
+        backward), then the free parameters. The dtype is that of the products: the direct
+        handlers work in float32 or float64, the generic path and autograd in the parameter's."""
+
+        def entry(k: int, direct: bool) -> tuple[int, torch.Size, torch.dtype, torch.device]:
+            p = self.shared[k]
+            dtype = p.dtype if not direct or p.dtype == torch.float64 else torch.float32
+            return k, p.shape, dtype, p.device
+
+        keys = sorted(self.layer_params, key=lambda key: -max(self.layer_params[key].values()))
+        layout: list[tuple[Any, list]] = []
+        for key in keys:
+            direct = self.layers[key].handler.contribution is not None
+            layout.append((key, [entry(k, direct) for k in self.layer_params[key].values()]))
+        layout.append((FREE, [entry(k, False) for k in self.free]))
+        return layout
+
+    def describe(self) -> dict[str, str]:
+        """The plan as the ranks compare it (the same layers and free parameters everywhere)."""
+        layers = [
+            f"{self.layers[key].name}:{sorted(self.layer_params[key].values())}"
+            for key, _ in self.layout()[:-1]
+        ]
+        return {
+            "hooked layers": ";".join(layers),
+            "free parameters": repr(self.free),
+            "reached parameters": repr(self.reached),
+        }
+
 
 # ---- the phase: the backward that computes G ---------------------------------------------------
 
@@ -385,8 +426,16 @@ class _Phase:
     """The state of one Gram computation: G and, per task, the first parameter whose gradient
     holds NaN or Inf."""
 
-    def __init__(self, plan: _Plan, T: int, device: torch.device, loop: bool) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        T: int,
+        device: torch.device,
+        loop: bool,
+        averaging: LayerAverages | None = None,
+    ) -> None:
         self.plan = plan
+        self.averaging = averaging
         self.T = T
         self.loop = loop
         self.task = 0
@@ -433,7 +482,8 @@ class _Phase:
             self.generic[key] = per_task
 
     def finish(self, key: int) -> None:
-        """Adds a module's contribution, once all its calls have arrived."""
+        """Adds a module's contribution, once all its calls have arrived (under
+        torch.distributed, hands its T gradients to the averaging first)."""
         layer = self.plan.layers[key]
         params = self.plan.layer_params[key]
         calls = self.received.pop(key, [])
@@ -441,21 +491,35 @@ class _Phase:
             per_task = self.generic.pop(key, None)
             if per_task is None:
                 return
-            positions = list(params.values())
-            flat = [g for task in per_task for g in task]
-            G, bad = torch.ops.mtlgrad.gram(flat, self.T)
-            self._add(G, bad, positions)
+            blocks = [
+                Block(position, grads=torch.stack([task[i] for task in per_task]))
+                for i, position in enumerate(params.values())
+            ]
+        elif not calls:
             return
-        if not calls:
+        else:
+            blocks = contribution(
+                layer.module,
+                layer.handler,
+                [c.data for c in calls],
+                params,
+                self.T,
+                gradients=self.averaging is not None,
+            )
+            for c in calls:
+                c.data.grads = []
+        if self.averaging is not None:
+            self.averaging.put(key, [(b.position, b.grads) for b in blocks])
             return
-        for position, block in contribution(
-            layer.module, layer.handler, [c.data for c in calls], params, self.T
-        ):
-            self.gram += block
-            bad = ~torch.isfinite(block.diagonal())
+        for block in blocks:
+            if block.grads is not None:
+                G, bad = torch.ops.mtlgrad.gram([block.grads[t] for t in range(self.T)], self.T)
+                self._add(G, bad, [block.position])
+                continue
+            self.gram += block.gram
+            bad = ~torch.isfinite(block.gram.diagonal())
+            position = block.position
             self.first_bad = torch.where(bad, self.first_bad.clamp(max=position), self.first_bad)
-        for c in calls:
-            c.data.grads = []
 
     def _add(self, G: Tensor, bad: Tensor, positions: list[int]) -> None:
         """A native ``gram`` result: G and, per task, the index of its first non-finite tensor."""
@@ -487,8 +551,11 @@ class _Phase:
                 self.finish(key)
 
 
-def _run(engine: GramEngine, stacked: Tensor, plan: _Plan, T: int) -> _Phase:
-    """The Gram computation: one vmapped backward (or one per task where vmap cannot run)."""
+def _run(
+    engine: GramEngine, stacked: Tensor, plan: _Plan, T: int, ranks: Ranks | None = None
+) -> _Phase:
+    """The Gram computation: one vmapped backward (or one per task where vmap cannot run); under
+    torch.distributed (``ranks``), each layer's T gradients averaged over the ranks first."""
     device = stacked.device
     anchor = engine.anchor(device)
     free = [plan.shared[k] for k in plan.free]
@@ -505,7 +572,11 @@ def _run(engine: GramEngine, stacked: Tensor, plan: _Plan, T: int) -> _Phase:
             materialize_grads=True,
         )
 
+    def averaging() -> LayerAverages | None:
+        return None if ranks is None else LayerAverages(ranks, plan.layout(), T, phase._add)
+
     phase = _Phase(plan, T, device, loop=False)
+    phase.averaging = averaging()
     engine._phase = phase
     try:
         try:
@@ -515,6 +586,7 @@ def _run(engine: GramEngine, stacked: Tensor, plan: _Plan, T: int) -> _Phase:
             if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
                 raise
             phase = _Phase(plan, T, device, loop=True)
+            phase.averaging = averaging()
             engine._phase = phase
             per_task = []
             for t in range(T):
@@ -526,7 +598,10 @@ def _run(engine: GramEngine, stacked: Tensor, plan: _Plan, T: int) -> _Phase:
             phase.finish(key)  # calls that never completed (their count was off): add them now
         for key in list(phase.generic):
             phase.finish(key)
-        if free:
+        if phase.averaging is not None:
+            phase.averaging.put(FREE, list(zip(plan.free, free_grads)))
+            phase.averaging.close()
+        elif free:
             flat = [g[t] for t in range(T) for g in free_grads]
             G, bad = torch.ops.mtlgrad.gram(flat, T)
             phase._add(G, bad, plan.free)
@@ -551,6 +626,12 @@ class TaskGram:
     first_bad: Tensor
     retain_graph: bool
     blame: Any
+    average_heads: Any = None
+
+    def map_heads(self, fn: Any) -> None:
+        """Under torch.distributed: ``fn`` averages the heads' gradients over the ranks (they are
+        computed at the write stage)."""
+        self.average_heads = fn
 
     def aggregate(
         self,
@@ -599,8 +680,9 @@ class TaskGram:
         retain_graph: bool,
         trunk_mean: Any = None,
     ) -> None:
-        """The heads, then one backward of ``Σ_t w_t L_t`` into the reached shared ``.grad``
-        (``trunk_mean`` is for the features under torch.distributed, which this engine refuses)."""
+        """The heads, then one backward of ``Σ_t w_t L_t`` into the reached shared ``.grad``.
+        Under torch.distributed, the heads' gradients and the update are averaged over the ranks
+        (``average_heads``, ``trunk_mean``) before they are added to ``.grad``."""
         from mtlgrad.step._write import accumulate_grad
 
         stacked = torch.stack([loss.reshape(()) for loss in self.losses])
@@ -615,9 +697,11 @@ class TaskGram:
             grads = torch.autograd.grad(
                 (coefficients * stacked).sum(), heads, retain_graph=keep, allow_unused=True
             )
-            for h, g in zip(heads, grads):
-                if g is not None:
-                    accumulate_grad(h, g)
+            pairs = [(h, g) for h, g in zip(heads, grads) if g is not None]
+            if self.average_heads is not None:
+                pairs = self.average_heads([pairs])[0]
+            for h, g in pairs:
+                accumulate_grad(h, g)
         if not reached:
             return
         if aggregation.skipped or weights is None:
@@ -625,7 +709,18 @@ class TaskGram:
                 accumulate_grad(p, torch.full_like(p, float("nan")))
             return
         w = weights.to(device=stacked.device, dtype=stacked.dtype, non_blocking=True)
-        torch.autograd.backward((w * stacked).sum(), inputs=reached, retain_graph=retain_graph)
+        if trunk_mean is None:
+            torch.autograd.backward((w * stacked).sum(), inputs=reached, retain_graph=retain_graph)
+            return
+        update = torch.autograd.grad(
+            (w * stacked).sum(), reached, retain_graph=retain_graph, allow_unused=True
+        )
+        full: list[Tensor | None] = [None] * len(self.shared)
+        for k, d in zip(self.reached, update):
+            full[k] = d
+        for p, d in zip(self.shared, trunk_mean(full)):
+            if d is not None:
+                accumulate_grad(p, d)
 
 
 def _unique(tensors: list[Tensor]) -> list[Tensor]:

@@ -23,6 +23,10 @@ sums δ's rows per distinct index; the norm layers (LayerNorm, GroupNorm, BatchN
 per-channel affine parameters whose T gradients are small, summed from δ and the recomputed
 normalised input. Any other module with parameters takes its T gradients from autograd, one
 task at a time, on its own part of the graph (``generic``).
+
+Under torch.distributed the engine needs every layer's T gradients themselves (it averages them
+over the ranks before their Gram): the handlers are then asked for ``gradients=True``, which takes
+the materialising way everywhere (and Embedding's full table).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerCall", "contribution", "handler_for", "weight_row_costs"]
+__all__ = ["Block", "LayerCall", "contribution", "gram64", "handler_for", "weight_row_costs"]
 
 
 @dataclass
@@ -47,10 +51,22 @@ class LayerCall:
     grads: list[Tensor] = field(default_factory=list)  # T-batched gradients of the outputs
 
 
-# A handler: (module, calls, params to include as {name: position}, T) -> list of
-# (position, T x T float64 contribution). A NaN or Inf in a task's gradient reaches its diagonal
-# entry (0 * Inf and 0 * NaN are NaN), which is how the engine finds it.
-Handler = Callable[[nn.Module, Sequence[LayerCall], dict, int], list]
+@dataclass
+class Block:
+    """One parameter's part of a layer's contribution: its T x T Gram block (float64, the ghost
+    way) or its T per-task gradients (``T x ...``, as many entries per task as the parameter), whose
+    Gram the engine takes (after averaging them over the ranks, under torch.distributed). A NaN or
+    Inf in a task's gradient reaches its diagonal entry (0 * Inf and 0 * NaN are NaN), which is how
+    the engine finds it."""
+
+    position: int
+    gram: Tensor | None = None
+    grads: Tensor | None = None
+
+
+# A handler: (module, calls, params to include as {name: position}, T, gradients) -> [Block]
+# (``gradients``: every block as per-task gradients).
+Handler = Callable[[nn.Module, Sequence[LayerCall], dict, int, bool], list]
 
 
 def _float(x: Tensor) -> Tensor:
@@ -63,7 +79,7 @@ def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _gram64(M: Tensor) -> Tensor:
+def gram64(M: Tensor) -> Tensor:
     """T x T Gram of the rows of M (T x n), in float64."""
     M = M.reshape(M.shape[0], -1)
     return (M @ M.T).to(torch.float64)
@@ -77,11 +93,21 @@ def weight_row_costs(rows: int, fan_in: int, fan_out: int, tasks: int) -> tuple[
     return ghost, materialise
 
 
-def _rows_gram(X: Tensor, D: Tensor, force: str | None = None) -> Tensor:
-    """Σ over the rows of ``<δ_iᵀX, δ_jᵀX>``: X is R x in, D is T x R x out."""
+def _way(rows: int, fan_in: int, fan_out: int, tasks: int, gradients: bool) -> str:
+    """The cheaper way by the cost model (or as a test forces it); the materialising way when
+    the gradients themselves are asked for."""
+    if gradients:
+        return "materialise"
+    if FORCE_WAY[0] is not None:
+        return FORCE_WAY[0]
+    ghost, materialise = weight_row_costs(rows, fan_in, fan_out, tasks)
+    return "ghost" if ghost <= materialise else "materialise"
+
+
+def _rows_gram(X: Tensor, D: Tensor, way: str) -> Tensor:
+    """Σ over the rows of ``<δ_iᵀX, δ_jᵀX>`` (the ghost way, T x T float64), or the T gradients
+    ``δ_tᵀX`` (the materialising way, T x out x in): X is R x in, D is T x R x out."""
     T, R, out = D.shape
-    ghost, materialise = weight_row_costs(R, X.shape[1], out, T)
-    way = force or ("ghost" if ghost <= materialise else "materialise")
     if way == "ghost":
         A = X @ X.T
         flat = D.reshape(T, -1)
@@ -94,32 +120,30 @@ def _rows_gram(X: Tensor, D: Tensor, force: str | None = None) -> Tensor:
             M = torch.matmul(A, D[j : j + chunk])
             G[:, j : j + chunk] = flat @ M.reshape(M.shape[0], -1).T
         return G.to(torch.float64)
-    grads = torch.matmul(D.transpose(1, 2), X)  # T x out x in
-    return _gram64(grads)
+    return torch.matmul(D.transpose(1, 2), X)  # T x out x in
+
+
+def _rows_block(position: int, X: Tensor, D: Tensor, way: str) -> Block:
+    product = _rows_gram(X, D, way)
+    return Block(position, gram=product) if way == "ghost" else Block(position, grads=product)
 
 
 #: Tests set this to "ghost" or "materialise" to run one way on every layer.
 FORCE_WAY: list[str | None] = [None]
 
 
-def _weight_and_bias(
-    X: Tensor, D: Tensor, params: dict, weight_name: str = "weight", bias_name: str = "bias"
+def _linear(
+    module: nn.Linear, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
 ) -> list:
-    result = []
-    if weight_name in params:
-        result.append((params[weight_name], _rows_gram(X, D, FORCE_WAY[0])))
-    if bias_name in params:
-        result.append((params[bias_name], _gram64(D.sum(dim=1))))
-    return result
-
-
-# ---- Linear ------------------------------------------------------------------------------------
-
-
-def _linear(module: nn.Linear, calls: Sequence[LayerCall], params: dict, T: int) -> list:
     X = _cat([_float(c.saved["input"]).reshape(-1, module.in_features) for c in calls])
     D = _cat([_float(c.grads[0]).reshape(T, -1, module.out_features) for c in calls], dim=1)
-    return _weight_and_bias(X, D, params)
+    result = []
+    if "weight" in params:
+        way = _way(X.shape[0], module.in_features, module.out_features, T, gradients)
+        result.append(_rows_block(params["weight"], X, D, way))
+    if "bias" in params:
+        result.append(Block(params["bias"], grads=D.sum(dim=1)))
+    return result
 
 
 # ---- Conv1d / Conv2d ---------------------------------------------------------------------------
@@ -175,15 +199,15 @@ def _conv_gradients(module: nn.Module, x: Tensor, D: Tensor) -> Tensor:
     return grads
 
 
-def _conv(module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int) -> list:
+def _conv(
+    module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
+) -> list:
     inputs = [_float(c.saved["input"]) for c in calls]
     grads = [_float(c.grads[0]) for c in calls]
     result = []
     if "weight" in params:
         rows = sum(g[0].numel() // module.out_channels for g in grads)
-        fan_in = module.weight[0].numel()
-        ghost, materialise = weight_row_costs(rows, fan_in, module.out_channels, T)
-        way = FORCE_WAY[0] or ("ghost" if ghost <= materialise else "materialise")
+        way = _way(rows, module.weight[0].numel(), module.out_channels, T, gradients)
         if way == "ghost":
             X = _cat([_conv_rows(module, x) for x in inputs])
             D = _cat(
@@ -195,23 +219,24 @@ def _conv(module: nn.Module, calls: Sequence[LayerCall], params: dict, T: int) -
                 ],
                 dim=1,
             )
-            block = _rows_gram(X, D, "ghost")
+            result.append(_rows_block(params["weight"], X, D, "ghost"))
         else:
             summed = _conv_gradients(module, inputs[0], grads[0])
             for x, g in zip(inputs[1:], grads[1:]):
                 summed += _conv_gradients(module, x, g)
-            block = _gram64(summed)
-        result.append((params["weight"], block))
+            result.append(Block(params["weight"], grads=summed))
     if "bias" in params:
         bias = sum(g.reshape(T, g.shape[1], module.out_channels, -1).sum(dim=(1, 3)) for g in grads)
-        result.append((params["bias"], _gram64(bias)))
+        result.append(Block(params["bias"], grads=bias))
     return result
 
 
 # ---- Embedding ---------------------------------------------------------------------------------
 
 
-def _embedding(module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T: int) -> list:
+def _embedding(
+    module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
+) -> list:
     if "weight" not in params:
         return []
     index = _cat([c.saved["input"].reshape(-1) for c in calls])
@@ -223,7 +248,10 @@ def _embedding(module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T
     summed = D.new_zeros(T, rows.numel(), module.embedding_dim).index_add_(1, inverse, D)
     if module.scale_grad_by_freq:
         summed = summed / counts.to(summed.dtype).unsqueeze(-1)
-    return [(params["weight"], _gram64(summed))]
+    if gradients:  # the whole table's: the ranks' rows differ
+        table = summed.new_zeros(T, module.num_embeddings, module.embedding_dim)
+        summed = table.index_copy_(1, rows, summed)
+    return [Block(params["weight"], grads=summed)]
 
 
 # ---- norm layers ---------------------------------------------------------------------------------
@@ -232,13 +260,15 @@ def _embedding(module: nn.Embedding, calls: Sequence[LayerCall], params: dict, T
 def _affine(normalised: Tensor, D: Tensor, reduce_dims: tuple[int, ...], params: dict) -> list:
     result = []
     if "weight" in params:
-        result.append((params["weight"], _gram64((D * normalised).sum(dim=reduce_dims))))
+        result.append(Block(params["weight"], grads=(D * normalised).sum(dim=reduce_dims)))
     if "bias" in params:
-        result.append((params["bias"], _gram64(D.sum(dim=reduce_dims))))
+        result.append(Block(params["bias"], grads=D.sum(dim=reduce_dims)))
     return result
 
 
-def _layer_norm(module: nn.LayerNorm, calls: Sequence[LayerCall], params: dict, T: int) -> list:
+def _layer_norm(
+    module: nn.LayerNorm, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
+) -> list:
     dims = tuple(range(-len(module.normalized_shape), 0))
     parts = []
     for c in calls:
@@ -255,7 +285,9 @@ def _layer_norm(module: nn.LayerNorm, calls: Sequence[LayerCall], params: dict, 
     return _affine(normalised.unsqueeze(0), D, (1,), params)
 
 
-def _group_norm(module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, T: int) -> list:
+def _group_norm(
+    module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
+) -> list:
     parts = []
     for c in calls:
         x = _float(c.saved["input"])
@@ -273,7 +305,9 @@ def _group_norm(module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, 
     return _affine(normalised.unsqueeze(0), D, (2,), params)
 
 
-def _batch_norm(module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T: int) -> list:
+def _batch_norm(
+    module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T: int, gradients: bool
+) -> list:
     weight, bias = [], []
     for c in calls:
         x = _float(c.saved["input"])
@@ -292,9 +326,9 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T:
             bias.append(D.sum(dim=(1, 3)))
     result = []
     if weight:
-        result.append((params["weight"], _gram64(sum(weight))))
+        result.append(Block(params["weight"], grads=sum(weight)))
     if bias:
-        result.append((params["bias"], _gram64(sum(bias))))
+        result.append(Block(params["bias"], grads=sum(bias)))
     return result
 
 
@@ -373,9 +407,14 @@ def handler_for(module: nn.Module) -> LayerHandler:
 
 
 def contribution(
-    module: nn.Module, handler: LayerHandler, calls: Sequence[LayerCall], params: dict, T: int
-) -> list:
-    """``[(position, T x T float64)]`` for the parameters in ``params``
-    (``{name: position}``) from this module's calls, by its direct handler."""
+    module: nn.Module,
+    handler: LayerHandler,
+    calls: Sequence[LayerCall],
+    params: dict,
+    T: int,
+    gradients: bool = False,
+) -> list[Block]:
+    """A :class:`Block` for each parameter in ``params`` (``{name: position}``) from this
+    module's calls, by its direct handler (``gradients``: each block's per-task gradients)."""
     assert handler.contribution is not None
-    return handler.contribution(module, calls, params, T)
+    return handler.contribution(module, calls, params, T, gradients)
