@@ -41,7 +41,9 @@ class MTLOptimizer(torch.optim.Optimizer):
     With a :mod:`mtlgrad.nn` model, ``MTLOptimizer(opt, UPGrad(), model=model)`` takes the
     model's exact shared/task partition (no graph walk), and ``backward`` accepts the losses as
     a dict keyed by the model's task names. With ``backward(losses, features=z)`` the task
-    gradients are taken at the shared representation ``z`` (see :func:`mtlgrad.backward`).
+    gradients are taken at the shared representation ``z`` (see :func:`mtlgrad.backward`); with a
+    trunk sharded by FSDP2 (``fully_shard``) this is the only option, and ``shared_params`` must
+    be given.
 
     ``state_dict()`` is the wrapped optimizer's, in torch's own layout (``state``,
     ``param_groups``), with the aggregator's state carried in ``param_groups[0]["mtlgrad"]``

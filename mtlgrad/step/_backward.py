@@ -72,6 +72,9 @@ def backward(
             backward through the trunk with the combined gradient fills the shared parameters'
             ``.grad``. Much cheaper for large trunks; exact for Gram-based methods when the
             trunk's Jacobian is the identity, an approximation otherwise (as in the MGDA-UB paper).
+            With a trunk sharded by FSDP2 (``fully_shard``: DTensor shared parameters) it is the
+            only option, and the write is one normal backward whose FSDP hooks reduce-scatter the
+            trunk's gradients (:mod:`mtlgrad.step._fsdp`).
         engine: ``"loop"`` (one backward per task), ``"batched"`` (one vmapped backward), or a
             :class:`~mtlgrad.GramEngine` (G layer by layer from activations, then one backward
             of the weighted losses: no per-task gradients of the parameters; Gram-based
