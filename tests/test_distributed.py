@@ -25,14 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world: int, timeout: float) -> list[str]:
-    """Runs ``world`` ranks of ``scenario``; returns each rank's output. A rank that fails, or a
-    run past ``timeout`` seconds (every rank is then killed), fails the test."""
+def launch(scenario: str, world: int, timeout: float, worker: Path = WORKER) -> list[str]:
+    """Runs ``world`` ranks of ``scenario`` of ``worker``; returns each rank's output. A rank
+    that fails, or a run past ``timeout`` seconds (every rank is then killed), fails the
+    test."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(world), str(rank), str(port)],
+            [sys.executable, str(worker), scenario, str(world), str(rank), str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -14,6 +14,7 @@ from mtlgrad.step import ENGINES, GradientAccumulator, GramEngine, StepRecord, b
 from mtlgrad.step._checks import named_losses
 from mtlgrad.step._differentiate import partition
 from mtlgrad.step._distributed import MODES
+from mtlgrad.step._fsdp import is_sharded_parameter
 from mtlgrad.step._reach import check_features_reached, check_shared_below_features
 
 __all__ = ["MTLOptimizer"]
@@ -40,7 +41,9 @@ class MTLOptimizer(torch.optim.Optimizer):
     With a :mod:`mtlgrad.nn` model, ``MTLOptimizer(opt, UPGrad(), model=model)`` takes the
     model's exact shared/task partition (no graph walk), and ``backward`` accepts the losses as
     a dict keyed by the model's task names. With ``backward(losses, features=z)`` the task
-    gradients are taken at the shared representation ``z`` (see :func:`mtlgrad.backward`).
+    gradients are taken at the shared representation ``z`` (see :func:`mtlgrad.backward`); with a
+    trunk sharded by FSDP2 (``fully_shard``) this is the only option, and ``shared_params`` must
+    be given.
 
     ``state_dict()`` is the wrapped optimizer's, in torch's own layout (``state``,
     ``param_groups``), with the aggregator's state carried in ``param_groups[0]["mtlgrad"]``
@@ -339,6 +342,13 @@ class MTLOptimizer(torch.optim.Optimizer):
         if feature_list:
             check_features_reached(feature_list, parts=parts)
             check_shared_below_features(parts, names)
+        if not parts.shared and any(is_sharded_parameter(p) for p in candidates):
+            raise ValueError(
+                "MTLOptimizer: the optimizer's parameters are sharded DTensors (FSDP2's "
+                "fully_shard), which are not in the autograd graph, so the shared ones cannot "
+                "be found there; pass shared_params (e.g. model.trunk.parameters()) and "
+                "backward(losses, features=z)"
+            )
         if not parts.shared:
             raise ValueError(
                 "MTLOptimizer: no parameter of the optimizer is shared by two or more task "

@@ -23,6 +23,7 @@ from mtlgrad.step._checks import (
 )
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
 from mtlgrad.step._distributed import ranks_of
+from mtlgrad.step._fsdp import check_fsdp, write_through_fsdp
 from mtlgrad.step._gram_engine import GramEngine
 from mtlgrad.step._reach import (
     check_features_reached,
@@ -71,6 +72,9 @@ def backward(
             backward through the trunk with the combined gradient fills the shared parameters'
             ``.grad``. Much cheaper for large trunks; exact for Gram-based methods when the
             trunk's Jacobian is the identity, an approximation otherwise (as in the MGDA-UB paper).
+            With a trunk sharded by FSDP2 (``fully_shard``: DTensor shared parameters) it is the
+            only option, and the write is one normal backward whose FSDP hooks reduce-scatter the
+            trunk's gradients (:mod:`mtlgrad.step._fsdp`).
         engine: ``"loop"`` (one backward per task), ``"batched"`` (one vmapped backward), or a
             :class:`~mtlgrad.GramEngine` (G layer by layer from activations, then one backward
             of the weighted losses: no per-task gradients of the parameters; Gram-based
@@ -123,6 +127,7 @@ def backward(
     names, values = named_losses(losses)
     shared = shared_parameters(shared_params)
     feature_list = feature_tensors(features, shared)
+    fsdp = check_fsdp(shared, feature_list)  # FSDP2-sharded trunk: only with features=
     check_engine(engine, aggregator, features)
     check_accumulation(accumulator, aggregate, features, engine)
     if not isinstance(check_finite, bool):
@@ -166,7 +171,7 @@ def backward(
             names,
             scaled,
             level,
-            heads,
+            [[] for _ in values] if fsdp else heads,  # with FSDP2: from the final backward
             engine=engine,
             retain_graph=retain_graph or feature_list is not None,
             batch_size=batch_size,
@@ -211,8 +216,15 @@ def backward(
             check_finite,
         )
     # 3. Write: the heads get their own task's gradient; for the features (and the gram
-    #    engine), one backward through the trunk (under torch.distributed, averaged).
-    grads.write(aggregation, shared, feature_list, scale_task_params, retain_graph, trunk_mean)
+    #    engine), one backward through the trunk (under torch.distributed, averaged; with an
+    #    FSDP2-sharded trunk, one normal backward that FSDP's hooks reduce-scatter).
+    if fsdp:
+        assert feature_list is not None
+        write_through_fsdp(
+            grads, aggregation, scaled, feature_list, shared, scale_task_params, retain_graph, ranks
+        )
+    else:
+        grads.write(aggregation, shared, feature_list, scale_task_params, retain_graph, trunk_mean)
     losses_record = aggregation.losses if aggregation.losses is not None else losses64
     return StepRecord(
         names, aggregation.weights, aggregation.gram, aggregation.skipped, losses_record

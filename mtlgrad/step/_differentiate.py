@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ENGINES", "Partition", "TaskGradients", "differentiate", "partition"]
+__all__ = [
+    "ENGINES",
+    "Partition",
+    "TaskGradients",
+    "all_leaves",
+    "differentiate",
+    "partition",
+]
 
 ENGINES = ("loop", "batched")
 
@@ -204,6 +211,12 @@ def _leaf_reach(
                 if direct:
                     reach_direct[child] = reach_direct.get(child, 0) | direct
     return leaves, masks_all, masks_direct, reach_all
+
+
+def all_leaves(losses: Sequence[Tensor]) -> list[Tensor]:
+    """Every leaf that requires grad below the losses (a normal backward of them writes into
+    each one's ``.grad``), in the walk's order, the same on every replica of a model."""
+    return _leaf_reach(losses, (), below_stops=True)[0]
 
 
 def _tasks(mask: int, num_tasks: int) -> list[int]:
