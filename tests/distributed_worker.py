@@ -165,6 +165,69 @@ def scenario_sharded(world: int, rank: int, port: int) -> None:
     )
 
 
+def scenario_zero(world: int, rank: int, port: int) -> None:
+    """Sharded mode with a ZeroRedundancyOptimizer: each rank reduce-scatters into the per-task
+    gradients of the parameters it owns and writes their update only (no all-gather); its step
+    broadcasts them. The step of one process on the global batch."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    references = {m: train(m, "loop", world, None, False) for m in ("MGDA", "UPGrad", "GradVac")}
+    init(world, rank, port)
+    gathers = []
+    original = dist.all_gather_into_tensor
+
+    def counted(*args, **kwargs):
+        gathers.append(args[0].numel())
+        return original(*args, **kwargs)
+
+    dist.all_gather_into_tensor = counted
+    for method, reference in references.items():
+        torch.manual_seed(0)
+        net = Net().double()
+        zero = ZeroRedundancyOptimizer(
+            net.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9
+        )
+        own = {id(p) for group in zero.optim.param_groups for p in group["params"]}
+        assert 0 < len(own) < len(list(net.parameters())), "each rank owns some parameters"
+        optimizer = MTLOptimizer(
+            zero,
+            make_aggregator(method),
+            shared_params=net.trunk.parameters(),
+            distributed="sharded",
+        )
+        for step in range(STEPS):
+            x, y = batch(step, world)
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            optimizer.zero_grad()
+            optimizer.backward(losses_of(net, x[rows], y[rows]))
+            for p in net.trunk.parameters():  # the update of this rank's parameters only
+                assert (p.grad is not None) == (id(p) in own)
+            optimizer.step()
+        check_replicas([p.detach() for p in net.parameters()], reference, world)
+        print(f"ok zero {method}", flush=True)
+    dist.all_gather_into_tensor = original
+    assert not gathers, f"the update was all-gathered: {gathers}"
+    # A shared parameter that no rank owns: the same error on every rank, .grad untouched.
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = batch(0, world)
+    first = net.trunk[0].weight
+    try:
+        mtlgrad.backward(
+            losses_of(net, x, y),
+            shared_params=net.trunk.parameters(),
+            aggregator=UPGrad(),
+            distributed="sharded",
+            owned_params=[p for p in net.trunk.parameters() if p is not first and rank == 0],
+        )
+    except ValueError as error:
+        assert "shared_params[0] (shape [7, 5]) is owned by 0 ranks" in str(error), str(error)
+        assert all(p.grad is None for p in net.parameters())
+        print("ok unowned refused", flush=True)
+    else:
+        raise AssertionError("a parameter owned by no rank was not refused")
+
+
 def scenario_dcp(world: int, rank: int, port: int) -> None:
     """MTLOptimizer's state (GradVac's targets and generator) round-trips through
     torch.distributed.checkpoint, and the resumed run continues bit-identically."""
@@ -512,6 +575,7 @@ def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
 SCENARIOS = {
     "dcp": scenario_dcp,
     "sharded": scenario_sharded,
+    "zero": scenario_zero,
     "features": scenario_features,
     "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,

@@ -223,3 +223,17 @@ def test_nothing_shared(engine: str) -> None:
     torch.testing.assert_close(b.grad, torch.full((3,), 3.0))
     torch.testing.assert_close(record.weights, torch.ones(2, dtype=torch.float64))
     assert record.gram is None
+
+
+def test_owned_params_need_sharded_mode() -> None:
+    model = TwoHeadNet()
+    x, y = batch(0)
+    z, outputs = model(x)
+    with pytest.raises(ValueError, match="owned_params= is for distributed='sharded'"):
+        mtlgrad.backward(
+            task_losses(outputs, y),
+            shared_params=model.trunk.parameters(),
+            aggregator=Sum(),
+            owned_params=model.trunk.parameters(),
+        )
+    assert all(p.grad is None for p in model.parameters())

@@ -249,13 +249,15 @@ def test_bench_all_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     # the gram engine, T x P in per-layer pieces, then P for the update.
     distributed = json.loads(next(tmp_path.glob("bench-distributed-*.json")).read_text())
     modes = {r["mode"]: r for r in distributed["tables"][0]["rows"]}
-    assert sorted(modes) == ["features", "gram", "naive", "replicated", "sharded"]
+    assert sorted(modes) == ["features", "gram", "naive", "replicated", "sharded", "sharded_owned"]
     assert modes["naive"]["x_naive"] == 1.0
     for mode in ("naive", "replicated"):
         assert 1.0 <= modes[mode]["ring_over_tp"] < 1.1, mode
     assert modes["sharded"]["ring_over_tp"] == pytest.approx(4 / 6, abs=0.05)
     assert modes["features"]["ring_over_tp"] == pytest.approx(1 / 3, abs=0.05)
     assert modes["gram"]["ring_over_tp"] == pytest.approx(4 / 3, abs=0.05)
+    assert modes["sharded_owned"]["ring_over_tp"] == pytest.approx(1 / 2, abs=0.05)
+    assert "all_gather_into_tensor" not in modes["sharded_owned"]["collectives"]
     assert "all_gather_into_tensor x1" in modes["sharded"]["collectives"]
     assert "reduce_scatter_tensor x1" in modes["sharded"]["collectives"]
     naive_calls = int(modes["naive"]["collectives"].split("all_reduce x")[1].split(",")[0])

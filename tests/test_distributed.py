@@ -74,6 +74,13 @@ def test_sharded_replicas_equal_one_process_on_the_global_batch(world: int) -> N
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_sharded_with_zero_redundancy_writes_each_ranks_own_parameters(world: int) -> None:
+    for out in launch("zero", world, timeout=300):
+        assert out.count("ok zero") == 3, out[-2000:]
+        assert "ok unowned refused" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_features_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
     for out in launch("features", world, timeout=300):
         assert out.count("ok features") == 6 * 2, out[-2000:]  # methods x (plain, DDP)

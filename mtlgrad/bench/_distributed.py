@@ -8,6 +8,8 @@ ways to keep the replicas one model:
   per task, no buckets), then the aggregation: what a training loop written by hand does;
 - ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces);
 - ``sharded``: ``distributed="sharded"`` (reduce-scatter, T x T all-reduce, all-gather);
+- ``sharded_owned``: sharded mode with ``owned_params=`` a ``ZeroRedundancyOptimizer``'s
+  partition (reduce-scatter, T x T all-reduce, no all-gather);
 - ``features``: ``features=z`` (one T x T all-reduce, then the trunk's gradient averaged);
 - ``gram``: the Gram engine (each layer's T gradients averaged as its backward produces them,
   then the update of ``Σ_t w_t L_t`` averaged).
@@ -36,7 +38,7 @@ import torch
 
 from mtlgrad.bench._harness import FLAGS_NOTE, Column, Table, Timer, Timing, flags, ratio, timed
 
-MODES = ("naive", "replicated", "sharded", "features", "gram")
+MODES = ("naive", "replicated", "sharded", "sharded_owned", "features", "gram")
 # What a ring algorithm sends per rank, per byte of payload (W: the world size).
 RING_FACTOR: dict[str, Callable[[int], float]] = {
     "all_reduce": lambda w: 2 * (w - 1) / w,
@@ -171,6 +173,12 @@ def build_step(
             p.grad = d
 
     engine = mtlgrad.GramEngine(model.trunk) if mode == "gram" else "loop"
+    owned = None
+    if mode == "sharded_owned":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer(shared, optimizer_class=torch.optim.SGD, lr=0.0)
+        owned = [p for group in zero.optim.param_groups for p in group["params"]]
 
     def ours(i: int) -> None:
         x, y = batches[i % 2]
@@ -183,7 +191,8 @@ def build_step(
             task_params=heads,
             features=z if mode == "features" else None,
             engine=engine,
-            distributed="sharded" if mode == "sharded" else "replicated",
+            distributed="sharded" if mode.startswith("sharded") else "replicated",
+            owned_params=owned,
         )
 
     return naive if mode == "naive" else ours
@@ -295,7 +304,9 @@ def run(
         notes=[
             "naive: each task's gradient all-reduced on its own (T calls), then the aggregation; "
             "replicated: mtlgrad.backward (bucketed asynchronous all-reduces); sharded: "
-            "distributed='sharded' (reduce-scatter, T x T all-reduce, all-gather); features: "
+            "distributed='sharded' (reduce-scatter, T x T all-reduce, all-gather); sharded_owned: "
+            "the same with owned_params= a ZeroRedundancyOptimizer's partition (no all-gather); "
+            "features: "
             "features=z (T x T all-reduce, then the trunk's gradient averaged); gram: the Gram "
             "engine (each layer's T gradients all-reduced during its backward, then the update)",
             "payload: bytes handed to the collectives in one step, counted in rank 0 (an "

@@ -71,7 +71,10 @@ class MTLOptimizer(torch.optim.Optimizer):
             world group when it has more than one rank); each task's gradients are averaged over
             them before the aggregation (see :func:`mtlgrad.backward`).
         distributed: with several ranks, ``"replicated"`` or ``"sharded"`` (see
-            :func:`mtlgrad.backward`).
+            :func:`mtlgrad.backward`). Sharded mode with a
+            ``torch.distributed.optim.ZeroRedundancyOptimizer`` gives each rank the per-task
+            gradients of the parameters it owns, and no all-gather: each rank writes its own
+            parameters' update, and the optimizer's step broadcasts them.
         check_finite: raise for a NaN or Inf task gradient (default); ``False`` lets them
             propagate into ``.grad`` and removes the step's host-side check (see
             :func:`mtlgrad.backward`).
@@ -267,6 +270,17 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     # ---- the multi-task step ------------------------------------------------------------------
 
+    def _owned_params(self) -> list[Tensor] | None:
+        """In sharded mode, the parameters a ``ZeroRedundancyOptimizer`` updates on this rank
+        (its local optimizer's)."""
+        if self.distributed != "sharded" or not torch.distributed.is_available():
+            return None
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if not isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            return None
+        return [p for group in self.optimizer.optim.param_groups for p in group["params"]]
+
     def backward(
         self,
         losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
@@ -301,6 +315,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             batch_size=self.batch_size,
             process_group=self.process_group,
             distributed=self.distributed,
+            owned_params=self._owned_params(),
             accumulator=self.accumulator if (len(self.accumulator) or not aggregate) else None,
             aggregate=aggregate,
             check_finite=self.check_finite,

@@ -50,6 +50,7 @@ def backward(
     retain_graph: bool = False,
     process_group: Any = None,
     distributed: str = "replicated",
+    owned_params: Iterable[Tensor] | None = None,
     accumulator: GradientAccumulator | None = None,
     aggregate: bool = True,
     check_finite: bool = True,
@@ -102,6 +103,12 @@ def backward(
             aggregates one shard, G from one T x T all-reduce, the update all-gathered: T·P + P
             sent instead of an all-reduce of T·P; Gram-based methods, one dtype). With
             ``features`` both send the T x T Gram matrix only.
+        owned_params: in sharded mode, the shared parameters that this rank's optimizer updates
+            (a ``torch.distributed.optim.ZeroRedundancyOptimizer``'s partition, which
+            :class:`~mtlgrad.optim.MTLOptimizer` passes by itself). Each rank's shard is then its
+            own parameters, and it writes their update alone: nothing is all-gathered, and the
+            other shared parameters' ``.grad`` is left as it is (their owners step them and
+            broadcast them).
         accumulator: a :class:`~mtlgrad.step.GradientAccumulator`: this micro-batch's per-task
             gradients are added to it, and the aggregation (with ``aggregate=True``) is that of
             the sums, as for one step on all the accumulated micro-batches.
@@ -146,6 +153,12 @@ def backward(
     scaled = values if scale is None else [scaler.scale(v) for v in values]  # type: ignore[union-attr]
     level = shared if feature_list is None else feature_list
     ranks = ranks_of(process_group, distributed)
+    owned = None if owned_params is None else list(owned_params)
+    if owned is not None and distributed != "sharded":
+        raise ValueError(
+            "mtlgrad.backward: owned_params= is for distributed='sharded' (each rank's shard is "
+            f"then its own parameters), got distributed={distributed!r}"
+        )
     if not aggregate:
         ranks = None  # accumulating only: nothing is sent
     if ranks is not None:
@@ -204,7 +217,7 @@ def backward(
         )
     elif ranks is not None and ranks.sharded:  # each rank aggregates its shard of every task
         aggregation = ranks.aggregate_sharded(
-            aggregator, grads, shared, losses64, scale, check_finite
+            aggregator, grads, shared, losses64, scale, check_finite, owned
         )
     else:
         aggregation = grads.aggregate(

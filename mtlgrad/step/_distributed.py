@@ -329,11 +329,15 @@ class Ranks:
         losses: Tensor,
         scale: float | None,
         check_finite: bool,
+        owned: Sequence[Tensor] | None = None,
     ) -> Any:
-        """Sharded mode: the per-task gradients reduce-scattered (each rank keeps one contiguous
-        shard of every task's rank-averaged gradient), G from the shards and one T x T
-        all-reduce, the same weights everywhere, each rank's shard of the update combined, and
-        one all-gather of the update, added into the shared ``.grad``."""
+        """Sharded mode: the per-task gradients reduce-scattered (each rank keeps one shard of
+        every task's rank-averaged gradient), G from the shards and one T x T all-reduce, the
+        same weights everywhere, each rank's shard of the update combined; then one all-gather
+        of the update, added into the shared ``.grad``. With ``owned`` (the shared parameters
+        this rank's optimizer updates, e.g. a ``ZeroRedundancyOptimizer``'s partition), the
+        shards are the ranks' own parameters and each rank writes their update alone: no
+        all-gather (the others' ``.grad`` is left as it is)."""
         from mtlgrad.aggregators import Aggregation
         from mtlgrad.aggregators._base import checked_gram_on_host, gram_with_flags
 
@@ -350,19 +354,31 @@ class Ranks:
         dtype = params[0].dtype if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
         sizes = [p.numel() for p in params]
-        P = sum(sizes)
-        chunk = -(-P // self.world)  # ceil: the buffer is padded to world x chunk
+        # Where each parameter sits in the rank-major buffer of W shards of ``chunk`` entries:
+        # in order, split evenly (padded at the end), or each rank's own parameters in its shard.
+        if owned is None:
+            chunk = -(-sum(sizes) // self.world)
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            mine = list(range(len(params)))
+        else:
+            owners = self.owners(reached, shared, owned)
+            per_rank = [0] * self.world
+            offsets = []
+            for owner, n in zip(owners, sizes):
+                offsets.append(per_rank[owner])
+                per_rank[owner] += n
+            chunk = max(max(per_rank), 1)
+            offsets = [owner * chunk + o for owner, o in zip(owners, offsets)]
+            mine = [i for i, owner in enumerate(owners) if owner == self.rank]
         # Rank-major: buffer[r, t] is task t's gradient on shard r, so that the reduce-scatter
         # (which splits its input along the first dimension) leaves rank r shard r of every task.
         buffer = torch.zeros(self.world, T, chunk, dtype=dtype, device=device)
         for t in range(T):
-            flat = torch.zeros(self.world * chunk, dtype=dtype, device=device)
-            offset = 0
-            for k, n in zip(reached, sizes):
+            flat = buffer.new_zeros(self.world * chunk)
+            for k, n, offset in zip(reached, sizes, offsets):
                 g = grads.level[t][k]
                 if g is not None:
                     flat[offset : offset + n] = g.reshape(-1)
-                offset += n
             buffer[:, t, :] = flat.view(self.world, chunk)
             grads.level[t] = [None] * len(grads.level[t])  # in the buffer now: free them
         shard = torch.empty(T, chunk, dtype=dtype, device=device)
@@ -382,25 +398,50 @@ class Ranks:
             scale=scale,
             check_finite=check_finite,
         )
-        update = torch.empty(self.world * chunk, dtype=dtype, device=device)
+        w = None
         if G_host is None:  # an overflow on some rank: every rank skips the step (NaN update)
-            w = None
-            update.fill_(float("nan"))
+            update_shard = torch.full((chunk,), float("nan"), dtype=dtype, device=device)
         else:
             w = aggregator._weights_by_name(G_host, losses_host, grads.names)
             update_shard = ops.combine(rows, T, w.to(device))[0]
+        if owned is None:
+            update = torch.empty(self.world * chunk, dtype=dtype, device=device)
             dist.all_gather_into_tensor(update, update_shard, group=self.group)
-        out = []
-        offset = 0
-        for p, n in zip(params, sizes):
-            d = update[offset : offset + n].view(p.shape)
-            offset += n
+            start = 0
+        else:  # this rank's parameters only
+            update, start = update_shard, self.rank * chunk
+        out: list[Tensor | None] = [None] * len(params)
+        for i in mine:
+            p, n = params[i], sizes[i]
+            d = update[offsets[i] - start : offsets[i] - start + n].view(p.shape)
             if p.grad is not None:
                 p.grad.add_(d)
-                out.append(p.grad)
+                out[i] = p.grad
             else:
-                out.append(d.clone())
+                out[i] = d.clone()
         return Aggregation(out, w, G_host, skipped=G_host is None, losses=losses_host)
+
+    def owners(
+        self, reached: Sequence[int], shared: Sequence[Tensor], owned: Sequence[Tensor]
+    ) -> list[int]:
+        """The rank that owns each reached shared parameter (one small all-gather); a parameter
+        owned by no rank, or by several, is the same error on every rank."""
+        ids = {id(p) for p in owned}
+        mine = torch.tensor([id(shared[k]) in ids for k in reached], dtype=torch.int32)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine, group=self.group)
+        table = torch.stack(gathered)
+        counts = table.sum(dim=0)
+        wrong = (counts != 1).nonzero().flatten().tolist()
+        if wrong:
+            k = reached[wrong[0]]
+            raise ValueError(
+                f"mtlgrad.backward(distributed='sharded', owned_params=...): shared_params[{k}] "
+                f"(shape {list(shared[k].shape)}) is owned by {int(counts[wrong[0]])} ranks; "
+                "every shared parameter that the losses reach must be owned by exactly one rank "
+                f"({len(wrong)} are not)"
+            )
+        return table.argmax(dim=0).tolist()
 
     def reached_union(self, grads: Any, level: Sequence[Tensor]) -> list[int]:
         """The inputs of the shared level that some task reaches on some rank (the step's

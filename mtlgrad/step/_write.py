@@ -103,9 +103,9 @@ def write(
     for t, pairs in enumerate(grads.heads()):
         for p, g in pairs:
             accumulate_grad(p, g if coefficients is None else g * coefficients[t])
-    if features is None:
+    if features is None:  # (None: a parameter another rank writes, in sharded mode)
         for k, d in zip(grads.reached, aggregation.out):
-            if shared[k].grad is None:
+            if d is not None and shared[k].grad is None:
                 shared[k].grad = d
     elif aggregation.skipped:
         for p in shared:
