@@ -24,6 +24,7 @@ from mtlgrad.step._checks import (
 from mtlgrad.step._differentiate import ENGINES, differentiate, partition
 from mtlgrad.step._distributed import ranks_of
 from mtlgrad.step._gram_engine import GramEngine
+from mtlgrad.step._overlap import OverlappedLevelMean
 from mtlgrad.step._reach import (
     check_features_reached,
     check_shared_below_features,
@@ -146,6 +147,11 @@ def backward(
     if ranks is not None:
         ranks.check_supported(engine, feature_list, aggregator)
         ranks.check_step(names, level, aggregator, scale, features=feature_list is not None)
+    # Replicated mode: each task's all-reduces start as soon as its backward returns. Not with
+    # an accumulator (the sums are known at the end only) nor the features (not sent).
+    level_mean = None
+    if ranks is not None and not ranks.sharded and feature_list is None and accumulator is None:
+        level_mean = OverlappedLevelMean(ranks, level)
 
     # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
     #    (the gram engine: G itself, layer by layer).
@@ -160,6 +166,7 @@ def backward(
             engine=engine,
             retain_graph=retain_graph or feature_list is not None,
             batch_size=batch_size,
+            on_tasks=None if level_mean is None else level_mean.add,
         )
     if feature_list is not None:
         check_features_reached(feature_list, grads=grads)
@@ -172,7 +179,9 @@ def backward(
             return None
         grads, losses64, scale = accumulator.take()
     if ranks is not None:  # every rank: the gradients and losses of the global batch
-        losses64 = ranks.average(grads, level, losses64, features=feature_list is not None)
+        losses64 = ranks.average(
+            grads, level, losses64, features=feature_list is not None, started=level_mean
+        )
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
     trunk_mean = None
