@@ -6,7 +6,8 @@ ways to keep the replicas one model:
 
 - ``naive``: each task's gradient of the shared parameters all-reduced on its own (T calls, one
   per task, no buckets), then the aggregation: what a training loop written by hand does;
-- ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces);
+- ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces, each
+  task's launched as soon as its backward returns);
 - ``sharded``: ``distributed="sharded"`` (reduce-scatter, T x T all-reduce, all-gather);
 - ``features``: ``features=z`` (one T x T all-reduce, then the trunk's gradient averaged).
 
@@ -289,7 +290,8 @@ def run(
         COLUMNS,
         notes=[
             "naive: each task's gradient all-reduced on its own (T calls), then the aggregation; "
-            "replicated: mtlgrad.backward (bucketed asynchronous all-reduces); sharded: "
+            "replicated: mtlgrad.backward (bucketed asynchronous all-reduces, each task's "
+            "launched as its backward returns); sharded: "
             "distributed='sharded' (reduce-scatter, T x T all-reduce, all-gather); features: "
             "features=z (T x T all-reduce, then the trunk's gradient averaged)",
             "payload: bytes handed to the collectives in one step, counted in rank 0 (an "
