@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -59,11 +60,18 @@ def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, t
 
 
 def train(
-    name: str, engine: str, world: int, rank: int | None, ddp: bool, mode: str = "replicated"
+    name: str,
+    engine: str,
+    world: int,
+    rank: int | None,
+    ddp: bool,
+    mode: str = "replicated",
+    batch_size: int | None = None,
+    net_class: type[Net] = Net,
 ) -> list[torch.Tensor]:
     """STEPS steps of MTLOptimizer; ``rank`` None: one process on the global batch."""
     torch.manual_seed(0)
-    net = Net().double()
+    net = net_class().double()
     model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
     optimizer = MTLOptimizer(
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
@@ -71,6 +79,7 @@ def train(
         shared_params=net.trunk.parameters(),
         engine=engine,
         distributed=mode,
+        batch_size=batch_size,
     )
     for step in range(STEPS):
         x, y = batch(step, world)
@@ -572,6 +581,121 @@ def scenario_ddp_output_features(world: int, rank: int, port: int) -> None:
         raise AssertionError(f"features= under DDP {options} did not raise")
 
 
+class PassMark(torch.autograd.Function):
+    """The identity, whose backward records in ``step_events`` that a backward pass reached the
+    trunk's output (once per pass: one per task with the loop engine, one per chunk of tasks
+    with the batched one)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        step_events.append("backward pass")
+        return grad
+
+
+step_events: list[str] = []
+
+
+class MarkedNet(Net):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = PassMark.apply(self.trunk(x))
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def scenario_overlap(world: int, rank: int, port: int) -> None:
+    """Replicated mode launches each task's all-reduce as soon as its backward pass returns
+    (loop engine; batched engine with one task per chunk), before the next pass starts; the
+    replicas still equal one process on the global batch."""
+    cases = (("loop", None), ("batched", 1))
+    references = {(e, b): train("UPGrad", e, world, None, False, batch_size=b) for e, b in cases}
+    init(world, rank, port)
+    shared_numel = sum(p.numel() for p in Net().trunk.parameters())
+    all_reduce = dist.all_reduce
+
+    def recorded(tensor: torch.Tensor, *args, **kwargs):
+        if tensor.dtype == torch.float64 and tensor.numel() == shared_numel:
+            step_events.append("all_reduce of one task's shared gradients")
+        return all_reduce(tensor, *args, **kwargs)
+
+    for (engine, batch_size), reference in references.items():
+        step_events.clear()
+        dist.all_reduce = recorded
+        try:
+            params = train(
+                "UPGrad", engine, world, rank, False, batch_size=batch_size, net_class=MarkedNet
+            )
+        finally:
+            dist.all_reduce = all_reduce
+        # Every step: pass, its all-reduce, pass, its all-reduce, ... (one process's order
+        # would be every pass first, then every all-reduce).
+        one_step = ["backward pass", "all_reduce of one task's shared gradients"] * TASKS
+        expected = one_step * STEPS
+        assert step_events == expected, f"{engine}: {step_events}"
+        check_replicas(params, reference, world)
+        print(f"ok overlap {engine}", flush=True)
+
+
+class GatedNet(Net):
+    """Tasks 0 and 1 also read the shared ``gate`` on the flagged samples, and only when the
+    batch has some: a rank without them never reaches it. ``unused`` is shared and reached by
+    no task on any rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+        self.unused = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor, flagged: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        z = self.trunk(x)
+        outputs = [h(z).squeeze(-1) for h in self.heads]
+        if bool(flagged.any()):
+            extra = torch.where(flagged, (z * self.gate).sum(-1), torch.zeros_like(outputs[0]))
+            outputs[0] = outputs[0] + extra
+            outputs[1] = outputs[1] - extra
+        return outputs
+
+
+def train_gated(engine: str, world: int, rank: int | None) -> list[torch.Tensor]:
+    """STEPS steps of :class:`GatedNet` with :func:`mtlgrad.backward`; the first two samples of
+    the global batch (rank 0's) are flagged. ``rank`` None: one process on the global batch."""
+    torch.manual_seed(0)
+    net = GatedNet().double()
+    shared = [*net.trunk.parameters(), net.gate, net.unused]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    aggregator = UPGrad()
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        flagged = torch.arange(len(x)) < 2
+        if rank is not None:
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            x, y, flagged = x[rows], y[rows], flagged[rows]
+        optimizer.zero_grad()
+        outputs = net(x, flagged)
+        losses = {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing here is worth a warning
+            mtlgrad.backward(losses, shared_params=shared, aggregator=aggregator, engine=engine)
+        assert net.gate.grad is not None, "the gate has no gradient"
+        assert net.unused.grad is None, "a parameter no task reaches got a gradient"
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def scenario_reach_differs(world: int, rank: int, port: int) -> None:
+    """Tasks that reach a shared parameter on one rank only (zeros from the others) and a
+    shared parameter that no task reaches: one process's step on the global batch."""
+    references = {e: train_gated(e, world, None) for e in ENGINES}
+    init(world, rank, port)
+    for engine, reference in references.items():
+        params = train_gated(engine, world, rank)
+        assert not torch.equal(params[-2], torch.linspace(-1.0, 1.0, 8).double()), "gate unmoved"
+        check_replicas(params, reference, world)
+        print(f"ok reach differs {engine}", flush=True)
+
+
 SCENARIOS = {
     "dcp": scenario_dcp,
     "sharded": scenario_sharded,
@@ -580,6 +704,8 @@ SCENARIOS = {
     "ddp_output_features": scenario_ddp_output_features,
     "equivalence": scenario_equivalence,
     "accumulation": scenario_accumulation,
+    "overlap": scenario_overlap,
+    "reach_differs": scenario_reach_differs,
     "task_counts_differ": scenario_task_counts_differ,
     "generators_differ": scenario_generators_differ,
     "gram_engine": scenario_gram_engine,

@@ -126,3 +126,13 @@ def test_a_rank_that_dies_fails_the_others_within_the_timeout() -> None:
     outputs = launch("rank_dies", 2, timeout=120)
     assert "ok failed" in outputs[0], outputs[0]
     assert "ok leaving" in outputs[1], outputs[1]
+
+
+def test_each_tasks_all_reduce_starts_before_the_next_backward_pass() -> None:
+    for out in launch("overlap", 2, timeout=300):
+        assert out.count("ok overlap") == 2, out[-2000:]  # loop, batched with one task a chunk
+
+
+def test_a_parameter_reached_on_one_rank_only_matches_one_process() -> None:
+    for out in launch("reach_differs", 2, timeout=300):
+        assert out.count("ok reach differs") == 2, out[-2000:]  # loop, batched

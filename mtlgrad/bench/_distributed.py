@@ -6,7 +6,8 @@ ways to keep the replicas one model:
 
 - ``naive``: each task's gradient of the shared parameters all-reduced on its own (T calls, one
   per task, no buckets), then the aggregation: what a training loop written by hand does;
-- ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces);
+- ``replicated``: :func:`mtlgrad.backward`'s default (bucketed asynchronous all-reduces, each
+  task's launched as soon as its backward returns);
 - ``sharded``: ``distributed="sharded"`` (reduce-scatter, T x T all-reduce, all-gather);
 - ``sharded_owned``: sharded mode with ``owned_params=`` a ``ZeroRedundancyOptimizer``'s
   partition (reduce-scatter, T x T all-reduce, no all-gather);
@@ -303,7 +304,8 @@ def run(
         COLUMNS,
         notes=[
             "naive: each task's gradient all-reduced on its own (T calls), then the aggregation; "
-            "replicated: mtlgrad.backward (bucketed asynchronous all-reduces); sharded: "
+            "replicated: mtlgrad.backward (bucketed asynchronous all-reduces, each task's "
+            "launched as its backward returns); sharded: "
             "distributed='sharded' (reduce-scatter, T x T all-reduce, all-gather); sharded_owned: "
             "the same with owned_params= a ZeroRedundancyOptimizer's partition (no all-gather); "
             "features: "

@@ -25,6 +25,7 @@ from mtlgrad.step._differentiate import ENGINES, differentiate, partition
 from mtlgrad.step._distributed import ranks_of
 from mtlgrad.step._fsdp import check_fsdp, write_through_fsdp
 from mtlgrad.step._gram_engine import GramEngine
+from mtlgrad.step._overlap import OverlappedLevelMean
 from mtlgrad.step._reach import (
     check_features_reached,
     check_shared_below_features,
@@ -171,10 +172,22 @@ def backward(
             )
         ranks.check_supported(engine, feature_list, aggregator)
         ranks.check_step(names, level, aggregator, scale, features=feature_list is not None)
+    gram_engine = isinstance(engine, GramEngine)
+    # Replicated mode: each task's all-reduces start as soon as its backward returns. Not with
+    # an accumulator (the sums are known at the end only), the features (not sent) nor the gram
+    # engine (its own per-layer averages).
+    level_mean = None
+    if (
+        ranks is not None
+        and not ranks.sharded
+        and feature_list is None
+        and accumulator is None
+        and not gram_engine
+    ):
+        level_mean = OverlappedLevelMean(ranks, level)
 
     # 1. Differentiate: per-task gradients of the shared level and of each task's parameters
     #    (the gram engine: G itself, layer by layer).
-    gram_engine = isinstance(engine, GramEngine)
     if gram_engine:
         grads = engine.differentiate(
             names, scaled, shared, heads, retain_graph=retain_graph, ranks=ranks
@@ -188,6 +201,7 @@ def backward(
             engine=engine,
             retain_graph=retain_graph or feature_list is not None,
             batch_size=batch_size,
+            on_tasks=None if level_mean is None else level_mean.add,
         )
     if feature_list is not None:
         check_features_reached(feature_list, grads=grads)
@@ -201,9 +215,12 @@ def backward(
         grads, losses64, scale = accumulator.take()
     if ranks is not None:  # every rank: the gradients and losses of the global batch
         # (not the features', each rank's own; sharded mode's are reduce-scattered at the
-        # aggregation; the gram engine's G is already that of the averaged gradients)
+        # aggregation; the gram engine's G is already that of the averaged gradients; with the
+        # overlap, started during the backward passes)
         average_level = feature_list is None and not ranks.sharded and not gram_engine
-        losses64 = ranks.average(grads, level, losses64, average_level=average_level)
+        losses64 = ranks.average(
+            grads, level, losses64, average_level=average_level, started=level_mean
+        )
     # 2. Aggregate: G, the weights and the update, added into the shared .grad in one pass (for
     #    the features, a fresh gradient of the features).
     trunk_mean = None

@@ -13,6 +13,10 @@
     reached by one task, so the sum gives every head its own task's gradient).
 
 The per-task gradients are the tensors autograd produces: nothing is copied or concatenated.
+Both engines hand each task's gradients of the shared level to an optional ``on_tasks`` callback
+as soon as they exist (the loop engine after each task's backward, the batched engine after each
+chunk), while the remaining backward passes run: under torch.distributed, their all-reduces
+start there (:mod:`mtlgrad.step._overlap`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 __all__ = [
     "ENGINES",
+    "OnTasks",
     "Partition",
     "TaskGradients",
     "all_leaves",
@@ -34,6 +39,11 @@ __all__ = [
 ]
 
 ENGINES = ("loop", "batched")
+
+#: ``on_tasks(first, level)``: the gradients of the shared level of tasks ``first``,
+#: ``first + 1``, ... (``level[i][k]``: task ``first + i``, input k; ``None`` where the task does
+#: not reach it), called by the engines as soon as these tasks' backward has returned.
+OnTasks = Callable[[int, list[list[Tensor | None]]], None]
 
 
 @dataclass
@@ -276,12 +286,14 @@ def differentiate(
     engine: str,
     retain_graph: bool,
     batch_size: int | None = None,
+    on_tasks: OnTasks | None = None,
 ) -> TaskGradients:
-    """Per-task gradients of ``inputs`` (the shared level) and of each task's ``heads``."""
+    """Per-task gradients of ``inputs`` (the shared level) and of each task's ``heads``; each
+    task's gradients of ``inputs`` also go to ``on_tasks`` as soon as they exist."""
     if engine == "loop":
-        return _loop(names, losses, inputs, heads, retain_graph)
+        return _loop(names, losses, inputs, heads, retain_graph, on_tasks)
     if engine == "batched":
-        return _batched(names, losses, inputs, heads, retain_graph, batch_size)
+        return _batched(names, losses, inputs, heads, retain_graph, batch_size, on_tasks)
     raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}; got {engine!r}")
 
 
@@ -291,6 +303,7 @@ def _loop(
     inputs: Sequence[Tensor],
     heads: Sequence[Sequence[Tensor]],
     retain_graph: bool,
+    on_tasks: OnTasks | None,
 ) -> TaskGradients:
     K = len(inputs)
     level, head_grads = [], []
@@ -299,6 +312,8 @@ def _loop(
         keep = retain_graph or t < len(losses) - 1
         result = torch.autograd.grad(loss, list(inputs) + own, retain_graph=keep, allow_unused=True)
         level.append(list(result[:K]))
+        if on_tasks is not None:
+            on_tasks(t, level[-1:])
         head_grads.append([(h, g) for h, g in zip(own, result[K:]) if g is not None])
     return TaskGradients(list(names), level, head_grads)
 
@@ -310,6 +325,7 @@ def _batched(
     heads: Sequence[Sequence[Tensor]],
     retain_graph: bool,
     batch_size: int | None,
+    on_tasks: OnTasks | None,
 ) -> TaskGradients:
     T = len(losses)
     # A parameter in several tasks' heads needs its per-task gradients: it joins the vmapped
@@ -356,6 +372,8 @@ def _batched(
                 per_task = [None if g is None else g[i] for g in grads]
                 level[start + i] = per_task[:K]
                 multi_grads[start + i] = per_task[K:]
+            if on_tasks is not None:
+                on_tasks(start, level[start : start + rows.shape[0]])
     multi_heads = [
         [(h, g) for h, g in zip(multi, multi_grads[t]) if g is not None] for t in range(T)
     ]

@@ -10,8 +10,14 @@ DDP-wrapped model and a plain one behave alike. The heads' gradients and the los
 the same way.
 
 What is sent per step: T x P of the shared level, in buckets of the same dtype, all-reduced
-asynchronously (the buckets overlap one another), the heads' gradients once, and two small
-headers. Before any bulk transfer, every rank compares a header (task count, task names, the
+asynchronously, the heads' gradients once, the losses, and small headers. What overlaps: each
+task's buckets are launched as soon as its backward returns (the loop engine; the batched engine:
+as each chunk of tasks returns), so they travel while the next tasks' backward passes run, and
+the step waits for them after the last one (:mod:`mtlgrad.step._overlap`); with T tasks, all
+but the last task's transfers can hide behind backward work. The heads' gradients, the losses
+and the T x K mask of which task reached which input go after the last backward (they are small).
+Gradient accumulation sends the sums once, at the aggregation, after every backward: no overlap
+there. Before any bulk transfer, every rank compares a header (task count, task names, the
 level's layout, the aggregator's generator): a difference raises the same
 :class:`DistributedMismatchError` on every rank, never a hang.
 
@@ -41,13 +47,17 @@ import math
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from mtlgrad import ops
+
+if TYPE_CHECKING:
+    from mtlgrad.step._overlap import OverlappedLevelMean
 
 __all__ = ["MODES", "DistributedMismatchError", "LayerAverages", "Ranks", "ranks_of"]
 
@@ -57,6 +67,15 @@ MODES = ("replicated", "sharded")
 # Elements per all-reduce: large enough to keep the link busy, small enough that the buckets
 # overlap one another.
 BUCKET_BYTES = 25 << 20
+
+
+@dataclass
+class PendingMean:
+    """All-reduces in flight (:meth:`Ranks.launch`): the shapes of the tensors launched, and per
+    bucket, the tensors' indices, the flat buffer and its work handle."""
+
+    shapes: list[torch.Size]
+    buckets: list[tuple[list[int], Tensor, Any]] = field(default_factory=list)
 
 
 class DistributedMismatchError(ValueError):
@@ -160,9 +179,16 @@ class Ranks:
     # ---- the averages --------------------------------------------------------------------------
 
     def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The average of each tensor across the ranks (views into the buckets): same-dtype
-        buckets of about ``BUCKET_BYTES``, all-reduced asynchronously, then scaled by 1 / world
-        size. (New tensors, not in place: autograd may hand out expanded or shared gradients.)"""
+        """The average of each tensor across the ranks (views into the buckets): all-reduced
+        asynchronously in buckets (:meth:`launch`), then scaled by 1 / world size
+        (:meth:`finish`)."""
+        return self.finish(self.launch(tensors))
+
+    def launch(self, tensors: Sequence[Tensor]) -> PendingMean:
+        """Starts the all-reduces of ``tensors``: same-dtype buckets of about ``BUCKET_BYTES``,
+        each all-reduced asynchronously; :meth:`finish` waits for them. (New tensors, not in
+        place: autograd may hand out expanded or shared gradients.) Every rank must launch the
+        same sequence of shapes and dtypes."""
         buckets: list[list[int]] = []
         open_bucket: dict[tuple, list[int]] = {}
         sizes: dict[tuple, int] = {}
@@ -174,19 +200,24 @@ class Ranks:
                 buckets.append(open_bucket.pop(key))
                 sizes[key] = 0
         buckets += [b for b in open_bucket.values() if b]
-        pending = []
+        pending = PendingMean([t.shape for t in tensors])
         for bucket in buckets:
             flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
             work = dist.all_reduce(flat, group=self.group, async_op=True)
-            pending.append((bucket, flat, work))
-        result: list[Tensor | None] = [None] * len(tensors)
-        for bucket, flat, work in pending:
+            pending.buckets.append((bucket, flat, work))
+        return pending
+
+    def finish(self, pending: PendingMean) -> list[Tensor]:
+        """Waits for the all-reduces that :meth:`launch` started; the averages, in the order of
+        its tensors (views into the buckets)."""
+        result: list[Tensor | None] = [None] * len(pending.shapes)
+        for bucket, flat, work in pending.buckets:
             work.wait()
             flat.div_(self.world)
             offset = 0
             for i in bucket:
-                n = tensors[i].numel()
-                result[i] = flat[offset : offset + n].view(tensors[i].shape)
+                n = pending.shapes[i].numel()
+                result[i] = flat[offset : offset + n].view(pending.shapes[i])
                 offset += n
         return result  # type: ignore[return-value]
 
@@ -221,21 +252,31 @@ class Ranks:
             )
 
     def average(
-        self, grads: Any, level: Sequence[Tensor], losses: Tensor, average_level: bool = True
+        self,
+        grads: Any,
+        level: Sequence[Tensor],
+        losses: Tensor,
+        average_level: bool = True,
+        started: OverlappedLevelMean | None = None,
     ) -> Tensor:
         """Averages the step in place over the ranks: the shared level's per-task gradients now
         (with ``average_level``: not the features', each rank keeps its own; not in sharded mode,
         where they are reduce-scattered at the aggregation; not the gram engine's, averaged layer
         by layer in its backward), the heads' when the write stage asks for them; returns the
-        averaged losses."""
-        if average_level:
+        averaged losses. ``started``: the level's average, started during the backward passes
+        (:mod:`mtlgrad.step._overlap`), finished here."""
+        if started is not None:
+            started.finish(grads)
+        elif average_level:
             self.average_level(grads, level)
         grads.map_heads(self.average_heads)
         return self.average_losses(losses)
 
     def average_level(self, grads: Any, level: Sequence[Tensor]) -> None:
-        """The shared level's per-task gradients, averaged in place; a task that does not reach
-        an input on this rank but does on another contributes zeros there."""
+        """The shared level's per-task gradients, averaged in place, all at once (the
+        accumulated sums; a step's own are averaged during its backward passes:
+        :mod:`mtlgrad.step._overlap`). A task that does not reach an input on this rank but does
+        on another contributes zeros there."""
         T, K = len(grads.names), len(level)
         mask = torch.tensor(
             [[g is not None for g in per_task] for per_task in grads.level], dtype=torch.int32
