@@ -66,7 +66,7 @@ def test_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
         assert len(done) == 6 * 2 * 2, out[-2000:]  # methods x engines x (plain, DDP)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
     for out in launch("sharded", world, timeout=300):
         assert out.count("ok sharded") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
@@ -80,7 +80,7 @@ def test_sharded_with_zero_redundancy_writes_each_ranks_own_parameters(world: in
         assert "ok unowned refused" in out, out[-2000:]
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_features_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
     for out in launch("features", world, timeout=300):
         assert out.count("ok features") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
@@ -113,7 +113,7 @@ def test_generators_that_differ_raise_on_every_rank() -> None:
         assert "ok raised" in out and "generator state" in out, out
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_gram_engine_replicas_equal_one_process_on_the_global_batch(world: int) -> None:
     for out in launch("gram_engine", world, timeout=300):
         assert out.count("ok gram") == 6 * 2, out[-2000:]  # methods x (plain, DDP)
