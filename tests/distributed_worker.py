@@ -45,6 +45,9 @@ class Net(nn.Module):
         z = self.trunk(x)
         return [h(z).squeeze(-1) for h in self.heads]
 
+    def shared(self) -> list[torch.Tensor]:
+        return list(self.trunk.parameters())
+
 
 def batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of a step (every rank can build it)."""
@@ -59,6 +62,17 @@ def losses_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, t
     return {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
 
 
+def make_optimizer(net: nn.Module, name: str, engine: str, **kwargs) -> MTLOptimizer:
+    """SGD with momentum under MTLOptimizer; ``engine="gram"``: a GramEngine on the trunk."""
+    return MTLOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        make_aggregator(name),
+        shared_params=net.shared(),
+        engine=mtlgrad.GramEngine(net.trunk) if engine == "gram" else engine,
+        **kwargs,
+    )
+
+
 def train(
     name: str,
     engine: str,
@@ -67,20 +81,13 @@ def train(
     ddp: bool,
     mode: str = "replicated",
     batch_size: int | None = None,
-    net_class: type[Net] = Net,
+    net_class: type[nn.Module] = Net,
 ) -> list[torch.Tensor]:
     """STEPS steps of MTLOptimizer; ``rank`` None: one process on the global batch."""
     torch.manual_seed(0)
     net = net_class().double()
     model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
-    optimizer = MTLOptimizer(
-        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        make_aggregator(name),
-        shared_params=net.trunk.parameters(),
-        engine=engine,
-        distributed=mode,
-        batch_size=batch_size,
-    )
+    optimizer = make_optimizer(net, name, engine, distributed=mode, batch_size=batch_size)
     for step in range(STEPS):
         x, y = batch(step, world)
         if rank is not None:
@@ -364,51 +371,25 @@ class GramNet(nn.Module):
         return [*self.trunk.parameters(), self.scale]
 
 
-def gram_optimizer(net: GramNet, method: str, engine: str, **kwargs) -> MTLOptimizer:
-    return MTLOptimizer(
-        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        make_aggregator(method),
-        shared_params=net.shared(),
-        engine=mtlgrad.GramEngine(net.trunk) if engine == "gram" else engine,
-        **kwargs,
-    )
-
-
-def train_gram(
-    method: str, engine: str, world: int, rank: int | None, ddp: bool
-) -> list[torch.Tensor]:
-    """STEPS steps of GramNet; ``rank`` None: one process on the global batch."""
-    torch.manual_seed(0)
-    net = GramNet().double()
-    model: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
-    optimizer = gram_optimizer(net, method, engine)
-    for step in range(STEPS):
-        x, y = batch(step, world)
-        if rank is not None:
-            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-            x, y = x[rows], y[rows]
-        optimizer.zero_grad()
-        optimizer.backward(losses_of(model, x, y))
-        optimizer.step()
-    assert net.trunk.extra.weight.grad is None  # reached by no loss: no .grad, as in PyTorch
-    return [p.detach().clone() for p in net.parameters()]
-
-
 def scenario_gram_engine(world: int, rank: int, port: int) -> None:
     """The gram engine, each layer's T gradients averaged over the ranks: one process's step on
     the global batch (the loop engine's, in one process); a plan that differs between the ranks,
     per-sample losses and sharded mode are refused on every rank."""
-    references = {m: train_gram(m, "loop", world, None, False) for m in METHODS}
+    references = {m: train(m, "loop", world, None, False, net_class=GramNet) for m in METHODS}
     init(world, rank, port)
     for method, reference in references.items():
         for ddp in (False, True):
-            params = train_gram(method, "gram", world, rank, ddp)
+            params = train(method, "gram", world, rank, ddp, net_class=GramNet)
             check_replicas(params, reference, world)
             print(f"ok gram {method} ddp={ddp}", flush=True)
     torch.manual_seed(0)
     net = GramNet().double()
-    optimizer = gram_optimizer(net, "UPGrad", "gram")
+    optimizer = make_optimizer(net, "UPGrad", "gram")
     x, y = batch(0, world)
+    optimizer.backward(losses_of(net, x, y))
+    assert net.trunk.extra.weight.grad is None  # reached by no loss: no .grad, as in PyTorch
+    assert net.trunk.twice.weight.grad is not None
+    optimizer.zero_grad(set_to_none=True)
     net.trunk.use_extra = rank == 0
     expect_mismatch(lambda: optimizer.backward(losses_of(net, x, y)), "the Gram engine's plan")
     assert all(p.grad is None for p in net.parameters())
@@ -420,7 +401,7 @@ def scenario_gram_engine(world: int, rank: int, port: int) -> None:
         "ok per-sample refused",
         "per-sample losses were averaged over the ranks",
     )
-    sharded = gram_optimizer(net, "UPGrad", "gram", distributed="sharded")
+    sharded = make_optimizer(net, "UPGrad", "gram", distributed="sharded")
     expect_refused(
         lambda: sharded.backward(losses_of(net, x, y)),
         "distributed='replicated'",

@@ -20,6 +20,7 @@ from distributed_worker import (
     expect_refused,
     init,
     make_aggregator,
+    train_features,
 )
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -73,31 +74,11 @@ def train_sharded(method: str, world: int, rank: int, heads: str, engine: str) -
     return full(net.parameters())
 
 
-def reference(method: str, world: int) -> list[torch.Tensor]:
-    """One process, no FSDP, the features step on the global batch (as train_features in
-    distributed_worker.py, before torch.distributed exists)."""
-    torch.manual_seed(0)
-    net = FeatureNet().double()
-    optimizer = MTLOptimizer(
-        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        make_aggregator(method),
-        shared_params=net.trunk.parameters(),
-    )
-    for step in range(STEPS):
-        x, y = batch(step, world)
-        optimizer.zero_grad()
-        z, outputs = net(x)
-        losses = {f"t{t}": ((o - y[:, t]) ** 2).mean() for t, o in enumerate(outputs)}
-        optimizer.backward(losses, features=z)
-        optimizer.step()
-    return [p.detach().clone() for p in net.parameters()]
-
-
 def scenario_features(world: int, rank: int, port: int) -> None:
     """features= on an FSDP2 trunk, heads plain or sharded: the full parameters after STEPS
     steps equal one process's features step on the global batch, and are the same on every
     rank."""
-    references = {m: reference(m, world) for m in METHODS}
+    references = {m: train_features(m, world, None, False) for m in METHODS}
     init(world, rank, port)
     for heads in ("plain", "sharded"):
         for method, expected in references.items():

@@ -77,6 +77,18 @@ class PendingMean:
     shapes: list[torch.Size]
     buckets: list[tuple[list[int], Tensor, Any]] = field(default_factory=list)
 
+    def views(self) -> list[Tensor]:
+        """Each tensor's place in its bucket, in the order of the tensors launched (the averages
+        once :meth:`Ranks.finish` has returned; until then, data in flight: not to be read)."""
+        result: list[Tensor | None] = [None] * len(self.shapes)
+        for bucket, flat, _ in self.buckets:
+            offset = 0
+            for i in bucket:
+                n = self.shapes[i].numel()
+                result[i] = flat[offset : offset + n].view(self.shapes[i])
+                offset += n
+        return result  # type: ignore[return-value]
+
 
 class DistributedMismatchError(ValueError):
     """The ranks disagree on what the step computes (tasks, gradient layout, random state)."""
@@ -210,16 +222,10 @@ class Ranks:
     def finish(self, pending: PendingMean) -> list[Tensor]:
         """Waits for the all-reduces that :meth:`launch` started; the averages, in the order of
         its tensors (views into the buckets)."""
-        result: list[Tensor | None] = [None] * len(pending.shapes)
-        for bucket, flat, work in pending.buckets:
+        for _, flat, work in pending.buckets:
             work.wait()
             flat.div_(self.world)
-            offset = 0
-            for i in bucket:
-                n = pending.shapes[i].numel()
-                result[i] = flat[offset : offset + n].view(pending.shapes[i])
-                offset += n
-        return result  # type: ignore[return-value]
+        return pending.views()
 
     def check_supported(
         self, engine: Any, features: Sequence[Tensor] | None, aggregator: Any

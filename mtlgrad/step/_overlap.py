@@ -48,7 +48,15 @@ class OverlappedLevelMean:
         for per_task in grads:
             for g, x in zip(per_task, self.level):
                 tensors.append(torch.zeros_like(x) if g is None else g)
-        self.pending.append((first, len(grads), self.ranks.launch(tensors)))
+        pending = self.ranks.launch(tensors)
+        self.pending.append((first, len(grads), pending))
+        # The buckets hold copies: autograd's tensors can go (one T x P in memory, not two).
+        # The engine's lists point into the buckets instead, None staying None, until finish().
+        views = iter(pending.views())
+        for per_task in grads:
+            for k, view in zip(range(len(per_task)), views):
+                if per_task[k] is not None:
+                    per_task[k] = view
 
     def finish(self, grads: TaskGradients) -> None:
         """Waits for the all-reduces; ``grads.level`` then holds the averages where some rank's
