@@ -368,3 +368,18 @@ def test_step_peak_counts_what_the_step_holds_not_what_came_before() -> None:
     assert 60 < step_peak_mib(cpu, holds_64_mib) < 80
     assert step_peak_mib(cpu, lambda i: None) < 8
     assert kept.sum() > 0
+
+
+def test_the_gram_engine_profile_script_runs() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_gram_engine.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--size", "tiny", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("summed", "loop", "gram", "backward", "layer", "write", "the rest"):
+        assert line in result.stdout, result.stdout

@@ -476,3 +476,13 @@ def test_an_engine_built_after_the_forward_warns() -> None:
             losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=engine
         )
     torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
+
+
+def test_the_stages_show_in_the_profiler() -> None:
+    # The backward over the tasks, each layer's contribution and the write are named ranges
+    # (benchmarks/profile_gram_engine.py reads them).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step("mlp", UPGrad(), "gram")
+    names = {event.key for event in profile.key_averages()}
+    for stage in ("backward", "layer", "write"):
+        assert f"mtlgrad::gram_engine::{stage}" in names, sorted(names)[:20]

@@ -484,6 +484,10 @@ class _Phase:
     def finish(self, key: int) -> None:
         """Adds a module's contribution, once all its calls have arrived (under
         torch.distributed, hands its T gradients to the averaging first)."""
+        with torch.profiler.record_function("mtlgrad::gram_engine::layer"):
+            self._finish(key)
+
+    def _finish(self, key: int) -> None:
         layer = self.plan.layers[key]
         params = self.plan.layer_params[key]
         calls = self.received.pop(key, [])
@@ -580,7 +584,8 @@ def _run(
     engine._phase = phase
     try:
         try:
-            results = torch.vmap(one)(eye)
+            with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
+                results = torch.vmap(one)(eye)
             free_grads = list(results[1:])
         except RuntimeError as error:
             if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
@@ -709,12 +714,15 @@ class TaskGram:
                 accumulate_grad(p, torch.full_like(p, float("nan")))
             return
         w = weights.to(device=stacked.device, dtype=stacked.dtype, non_blocking=True)
-        if trunk_mean is None:
-            torch.autograd.backward((w * stacked).sum(), inputs=reached, retain_graph=retain_graph)
-            return
-        update = torch.autograd.grad(
-            (w * stacked).sum(), reached, retain_graph=retain_graph, allow_unused=True
-        )
+        with torch.profiler.record_function("mtlgrad::gram_engine::write"):
+            if trunk_mean is None:
+                torch.autograd.backward(
+                    (w * stacked).sum(), inputs=reached, retain_graph=retain_graph
+                )
+                return
+            update = torch.autograd.grad(
+                (w * stacked).sum(), reached, retain_graph=retain_graph, allow_unused=True
+            )
         full: list[Tensor | None] = [None] * len(self.shared)
         for k, d in zip(self.reached, update):
             full[k] = d
