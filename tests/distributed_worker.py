@@ -123,11 +123,17 @@ def expect_mismatch(fn, needle: str) -> None:
     raise AssertionError("no DistributedMismatchError")
 
 
-def check_replicas(params: list[torch.Tensor], reference: list[torch.Tensor], world: int) -> None:
+def check_replicas(
+    params: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    world: int,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+) -> None:
     """This rank's parameters equal one process's (1e-10), and every rank's are bitwise equal."""
     for p, q in zip(params, reference):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    flat = torch.cat([p.reshape(-1) for p in params])
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    flat = torch.cat([p.detach().reshape(-1).double() for p in params])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas differ"
@@ -156,15 +162,39 @@ def scenario_equivalence(world: int, rank: int, port: int) -> None:
             print(f"ok {method} {engine} ddp={ddp}", flush=True)
 
 
+class MixedNet(Net):
+    """A trunk whose second layer (and the heads) stay float32 under ``double()``: two
+    buffers in sharded mode."""
+
+    def double(self) -> MixedNet:
+        super().double()
+        self.trunk[2].float()
+        self.heads.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hidden = torch.tanh(self.trunk[0](x)).float()
+        z = torch.tanh(self.trunk[2](hidden))
+        return [head(z).squeeze(-1).double() for head in self.heads]
+
+
 def scenario_sharded(world: int, rank: int, port: int) -> None:
     """Sharded mode: reduce-scatter, T x T all-reduce, all-gather; the step of one process."""
     references = {m: train(m, "loop", world, None, False) for m in METHODS}
+    mixed = {
+        m: train(m, "loop", world, None, False, net_class=MixedNet) for m in ("MGDA", "UPGrad")
+    }
     init(world, rank, port)
     for method, reference in references.items():
         for ddp in (False, True):
             params = train(method, "loop", world, rank, ddp, mode="sharded")
             check_replicas(params, reference, world)
             print(f"ok sharded {method} ddp={ddp}", flush=True)
+    for method, reference in mixed.items():  # float64 and float32 shared parameters
+        params = train(method, "loop", world, rank, False, mode="sharded", net_class=MixedNet)
+        assert {p.dtype for p in params} == {torch.float64, torch.float32}
+        check_replicas(params, reference, world, rtol=1e-5, atol=1e-6)
+        print(f"ok sharded mixed dtypes {method}", flush=True)
     torch.manual_seed(0)
     net = Net().double()
     x, y = batch(0, world)

@@ -102,7 +102,7 @@ def backward(
         distributed: with several ranks, ``"replicated"`` (each task's gradients all-reduced,
             every rank aggregates all of them) or ``"sharded"`` (reduce-scattered: each rank
             aggregates one shard, G from one T x T all-reduce, the update all-gathered: T·P + P
-            sent instead of an all-reduce of T·P; Gram-based methods, one dtype). With
+            sent instead of an all-reduce of T·P; Gram-based methods; one buffer per dtype). With
             ``features`` both send the T x T Gram matrix only.
         owned_params: in sharded mode, the shared parameters that this rank's optimizer updates
             (a ``torch.distributed.optim.ZeroRedundancyOptimizer``'s partition, which

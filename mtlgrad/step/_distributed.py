@@ -379,93 +379,56 @@ class Ranks:
         owned: Sequence[Tensor] | None = None,
     ) -> Any:
         """Sharded mode: the per-task gradients reduce-scattered (each rank keeps one shard of
-        every task's rank-averaged gradient), G from the shards and one T x T all-reduce, the
-        same weights everywhere, each rank's shard of the update combined; then one all-gather
-        of the update, added into the shared ``.grad``. With ``owned`` (the shared parameters
-        this rank's optimizer updates, e.g. a ``ZeroRedundancyOptimizer``'s partition), the
-        shards are the ranks' own parameters and each rank writes their update alone: no
-        all-gather (the others' ``.grad`` is left as it is)."""
+        every task's rank-averaged gradient; one buffer per dtype), G from the shards and one
+        T x T all-reduce, the same weights everywhere, each rank's shard of the update combined;
+        then one all-gather of the update per dtype, added into the shared ``.grad``. With
+        ``owned`` (the shared parameters this rank's optimizer updates, e.g. a
+        ``ZeroRedundancyOptimizer``'s partition), the shards are the ranks' own parameters and
+        each rank writes their update alone: no all-gather (the others' ``.grad`` is left as it
+        is)."""
         from mtlgrad.aggregators import Aggregation
         from mtlgrad.aggregators._base import checked_gram_on_host, gram_with_flags
 
         T = len(grads.names)
         reached = self.reached_union(grads, shared)
-        params = [shared[k] for k in reached]
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) > 1:
-            raise NotImplementedError(
-                "mtlgrad.backward(distributed='sharded'): the shared parameters have several "
-                f"dtypes ({sorted(map(str, dtypes))}); sharded mode packs them in one buffer. "
-                "Use distributed='replicated'"
-            )
-        dtype = params[0].dtype if params else torch.float32
-        device = params[0].device if params else torch.device("cpu")
-        sizes = [p.numel() for p in params]
-        # Where each parameter sits in the rank-major buffer of W shards of ``chunk`` entries:
-        # in order, split evenly (padded at the end), or each rank's own parameters in its shard.
-        if owned is None:
-            chunk = -(-sum(sizes) // self.world)
-            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-            mine = list(range(len(params)))
-        else:
-            owners = self.owners(reached, shared, owned)
-            per_rank = [0] * self.world
-            offsets = []
-            for owner, n in zip(owners, sizes):
-                offsets.append(per_rank[owner])
-                per_rank[owner] += n
-            chunk = max(max(per_rank), 1)
-            offsets = [owner * chunk + o for owner, o in zip(owners, offsets)]
-            mine = [i for i, owner in enumerate(owners) if owner == self.rank]
-        # Rank-major: buffer[r, t] is task t's gradient on shard r, so that the reduce-scatter
-        # (which splits its input along the first dimension) leaves rank r shard r of every task.
-        buffer = torch.zeros(self.world, T, chunk, dtype=dtype, device=device)
+        owners = None if owned is None else self.owners(reached, shared, owned)
+        # One buffer per dtype, in the order the dtypes first appear (the same on every rank:
+        # the shared layout was compared first).
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, k in enumerate(reached):
+            groups.setdefault(shared[k].dtype, []).append(i)
+        shards = [
+            _Shard.reduce_scattered(self, grads, shared, reached, indices, owners)
+            for indices in groups.values()
+        ]
         for t in range(T):
-            flat = buffer.new_zeros(self.world * chunk)
-            for k, n, offset in zip(reached, sizes, offsets):
-                g = grads.level[t][k]
-                if g is not None:
-                    flat[offset : offset + n] = g.reshape(-1)
-            buffer[:, t, :] = flat.view(self.world, chunk)
-            grads.level[t] = [None] * len(grads.level[t])  # in the buffer now: free them
-        shard = torch.empty(T, chunk, dtype=dtype, device=device)
-        dist.reduce_scatter_tensor(shard, buffer.reshape(self.world * T, chunk), group=self.group)
-        del buffer
-        shard.div_(self.world)
-        rows = list(shard.unbind(0))
-        G, flags = gram_with_flags(rows, T)
+            grads.level[t] = [None] * len(grads.level[t])  # in the shards now: free them
+        G = torch.zeros(T, T, dtype=torch.float64, device=shards[0].rows.device if shards else None)
+        flags = torch.full((T,), -1, dtype=torch.int64, device=G.device)
+        for g, shard in enumerate(shards):
+            G_g, flags_g = gram_with_flags(list(shard.rows.unbind(0)), T)
+            G += G_g.to(G.device)
+            flags = torch.where((flags < 0) & (flags_g.to(flags.device) >= 0), g, flags)
         dist.all_reduce(G, group=self.group)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         G_host, losses_host = checked_gram_on_host(
             G,
             flags,
             losses,
-            names=[f"shard {self.rank} of the shared parameters"],
+            names=[
+                f"shard {self.rank} of the {str(dtype).removeprefix('torch.')} shared parameters"
+                for dtype in groups
+            ],
             task_names=grads.names,
             scale=scale,
             check_finite=check_finite,
         )
         w = None
-        if G_host is None:  # an overflow on some rank: every rank skips the step (NaN update)
-            update_shard = torch.full((chunk,), float("nan"), dtype=dtype, device=device)
-        else:
+        if G_host is not None:
             w = aggregator._weights_by_name(G_host, losses_host, grads.names)
-            update_shard = ops.combine(rows, T, w.to(device))[0]
-        if owned is None:
-            update = torch.empty(self.world * chunk, dtype=dtype, device=device)
-            dist.all_gather_into_tensor(update, update_shard, group=self.group)
-            start = 0
-        else:  # this rank's parameters only
-            update, start = update_shard, self.rank * chunk
-        out: list[Tensor | None] = [None] * len(params)
-        for i in mine:
-            p, n = params[i], sizes[i]
-            d = update[offsets[i] - start : offsets[i] - start + n].view(p.shape)
-            if p.grad is not None:
-                p.grad.add_(d)
-                out[i] = p.grad
-            else:
-                out[i] = d.clone()
+        out: list[Tensor | None] = [None] * len(reached)
+        for shard in shards:
+            shard.write(self, w, shared, reached, out, gather=owned is None)
         return Aggregation(out, w, G_host, skipped=G_host is None, losses=losses_host)
 
     def owners(
@@ -569,3 +532,95 @@ class LayerAverages:
         columns = flat.split([math.prod(shape) for _, shape, _, _ in entries], dim=1)
         G, bad = torch.ops.mtlgrad.gram([c[t] for t in range(self.T) for c in columns], self.T)
         self.add(G, bad, [position for position, *_ in entries])
+
+
+@dataclass
+class _Shard:
+    """Sharded mode's buffer for the reached shared parameters of one dtype: where each sits in
+    the rank-major buffer of W shards of ``chunk`` entries (in order, split evenly and padded at
+    the end; or each rank's own parameters in its shard), and this rank's reduce-scattered shard
+    of every task's averaged gradient (``rows``, T x chunk)."""
+
+    indices: list[int]  # positions in ``reached``
+    sizes: list[int]
+    offsets: list[int]
+    chunk: int
+    mine: list[int]  # the entries of ``indices`` whose update this rank writes
+    rows: Tensor
+
+    @staticmethod
+    def reduce_scattered(
+        ranks: Ranks,
+        grads: Any,
+        shared: Sequence[Tensor],
+        reached: Sequence[int],
+        indices: list[int],
+        owners: list[int] | None,
+    ) -> _Shard:
+        T, world = len(grads.names), ranks.world
+        params = [shared[reached[i]] for i in indices]
+        sizes = [p.numel() for p in params]
+        if owners is None:
+            chunk = -(-sum(sizes) // world)
+            offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+            mine = list(range(len(indices)))
+        else:
+            group_owners = [owners[i] for i in indices]
+            per_rank = [0] * world
+            offsets = []
+            for owner, n in zip(group_owners, sizes):
+                offsets.append(per_rank[owner])
+                per_rank[owner] += n
+            chunk = max(max(per_rank), 1)
+            offsets = [owner * chunk + o for owner, o in zip(group_owners, offsets)]
+            mine = [j for j, owner in enumerate(group_owners) if owner == ranks.rank]
+        dtype, device = params[0].dtype, params[0].device
+        # Rank-major: buffer[r, t] is task t's gradient on shard r, so that the reduce-scatter
+        # (which splits its input along the first dimension) leaves rank r shard r of every task.
+        buffer = torch.zeros(world, T, chunk, dtype=dtype, device=device)
+        for t in range(T):
+            flat = buffer.new_zeros(world * chunk)
+            for i, n, offset in zip(indices, sizes, offsets):
+                g = grads.level[t][reached[i]]
+                if g is not None:
+                    flat[offset : offset + n] = g.reshape(-1)
+            buffer[:, t, :] = flat.view(world, chunk)
+        rows = torch.empty(T, chunk, dtype=dtype, device=device)
+        dist.reduce_scatter_tensor(rows, buffer.reshape(world * T, chunk), group=ranks.group)
+        del buffer
+        rows.div_(world)
+        return _Shard(indices, sizes, offsets, chunk, mine, rows)
+
+    def write(
+        self,
+        ranks: Ranks,
+        weights: Tensor | None,
+        shared: Sequence[Tensor],
+        reached: Sequence[int],
+        out: list[Tensor | None],
+        gather: bool,
+    ) -> None:
+        """This rank's shard of the update (NaN where the step is skipped: an overflow on some
+        rank), all-gathered with ``gather``, added into the ``.grad`` of the parameters this rank
+        writes; ``out[i]`` their gradient."""
+        T = self.rows.shape[0]
+        if weights is None:
+            update_shard = torch.full_like(self.rows[0], float("nan"))
+        else:
+            rows = list(self.rows.unbind(0))
+            update_shard = ops.combine(rows, T, weights.to(self.rows.device))[0]
+        if gather:
+            update = self.rows.new_empty(ranks.world * self.chunk)
+            dist.all_gather_into_tensor(update, update_shard, group=ranks.group)
+            start = 0
+        else:  # this rank's parameters only
+            update, start = update_shard, ranks.rank * self.chunk
+        for j in self.mine:
+            i, n = self.indices[j], self.sizes[j]
+            p = shared[reached[i]]
+            d = update[self.offsets[j] - start : self.offsets[j] - start + n].view(p.shape)
+            if p.grad is not None:
+                p.grad.add_(d)
+                out[i] = p.grad
+            else:
+                out[i] = d.clone()
