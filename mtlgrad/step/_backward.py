@@ -98,7 +98,10 @@ def backward(
             (default: the world group, whenever torch.distributed is initialised with more than
             one rank). Each task's gradients, the heads' gradients and the losses are averaged
             over them before the aggregation, so that every rank computes the same update, that
-            of one process on the global batch (:mod:`mtlgrad.step._distributed`).
+            of one process on the global batch (:mod:`mtlgrad.step._distributed`; each task's
+            all-reduces start as soon as its backward returns; the gram engine averages each
+            layer's T gradients during its backward). A trunk sharded by FSDP2 needs
+            ``features`` (:mod:`mtlgrad.step._fsdp`).
         distributed: with several ranks, ``"replicated"`` (each task's gradients all-reduced,
             every rank aggregates all of them) or ``"sharded"`` (reduce-scattered: each rank
             aggregates one shard, G from one T x T all-reduce, the update all-gathered: T·P + P
