@@ -495,6 +495,10 @@ class _Phase:
             per_task = self.generic.pop(key, None)
             if per_task is None:
                 return
+            if self.averaging is None:  # the native gram reads the T gradients where they are
+                G, bad = torch.ops.mtlgrad.gram([g for task in per_task for g in task], self.T)
+                self._add(G, bad, list(params.values()))
+                return
             blocks = [
                 Block(position, grads=torch.stack([task[i] for task in per_task]))
                 for i, position in enumerate(params.values())
