@@ -7,7 +7,9 @@ repetition by repetition, then one profiled pass of the Gram engine's step split
 - ``mtlgrad::gram_engine::backward``: the vmapped backward over the T tasks towards the
   activations, including the layers' contributions to G made during it;
 - ``mtlgrad::gram_engine::layer``: those contributions (ghost or materialising way, per layer);
-- ``mtlgrad::gram_engine::write``: the one backward of ``Σ_t w_t L_t`` into ``.grad``.
+- ``mtlgrad::gram_engine::write``: the one backward of ``Σ_t w_t L_t`` into ``.grad``;
+- ``mtlgrad::gram_engine::heads``: each task's own part of the graph (its head), differentiated
+  alone before the vmapped backward.
 
     python benchmarks/profile_gram_engine.py                # the MLP at T = 8 (mlp:8)
     python benchmarks/profile_gram_engine.py --case transformer:8 --repeat 5
@@ -26,7 +28,7 @@ import torch
 
 from mtlgrad.bench._engines import build_step
 
-RANGES = ("backward", "layer", "write")
+RANGES = ("heads", "backward", "layer", "write")
 
 
 def main() -> None:
@@ -75,8 +77,8 @@ def main() -> None:
     print(f"  gram engine, per step of a profiled pass ({profiled:.1f} ms with the profiler on):")
     for name in RANGES:
         print(f"    {name:9s} {ranges.get(name, 0.0):8.1f} ms")
-    rest = profiled - ranges.get("backward", 0.0) - ranges.get("write", 0.0)
-    print(f"    the rest  {rest:8.1f} ms (forward, aggregation, heads)")
+    rest = profiled - sum(ranges.get(name, 0.0) for name in ("heads", "backward", "write"))
+    print(f"    the rest  {rest:8.1f} ms (forward, aggregation, the heads' .grad)")
 
 
 if __name__ == "__main__":

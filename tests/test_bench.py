@@ -381,5 +381,5 @@ def test_the_gram_engine_profile_script_runs() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in ("summed", "loop", "gram", "backward", "layer", "write", "the rest"):
+    for line in ("summed", "loop", "gram", "heads", "backward", "layer", "write", "the rest"):
         assert line in result.stdout, result.stdout

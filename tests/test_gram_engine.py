@@ -11,7 +11,7 @@ from training_helpers import NoVmap, gram_aggregator_classes, make_aggregator
 import mtlgrad
 from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
 from mtlgrad.optim import MTLOptimizer
-from mtlgrad.step import _layer_grams
+from mtlgrad.step import _layer_grams, _task_parts
 from mtlgrad.step._differentiate import partition
 
 DTYPE = torch.float64
@@ -109,6 +109,48 @@ class Tied(nn.Module):
         return [head(h).squeeze(-1) for head in self.heads]
 
 
+class Decoders(nn.Module):
+    """The tasks' own parts of the graph: two tasks with a decoder of their own (one of them after
+    a shared layer that no other task uses, the other gated by a row of a trunk weight, used
+    functionally), two tasks sharing one head, and a task whose loss reads the trunk's output
+    directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.gate = nn.Linear(16, 16)
+        self.adapter = nn.Linear(16, 16)
+        decoders = [nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1)) for _ in range(2)]
+        self.heads = nn.ModuleList([*decoders, nn.Linear(16, 1)])
+
+    def forward(self, x):
+        z = self.gate(self.trunk(x))
+        shared_head = self.heads[2](z).squeeze(-1)
+        return [
+            self.heads[0](self.adapter(z)).squeeze(-1),
+            self.heads[1](z * self.gate.weight[0]).squeeze(-1),
+            shared_head,
+            2 * shared_head,
+            z.sum(-1),
+        ]
+
+
+class SkipHeads(nn.Module):
+    """Heads that read the trunk's output and an intermediate below it: each task's part ends at
+    two edges, one below the other, which is no cut."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.top = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(32, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        z = self.top(h)
+        return [head(torch.cat([z, h], dim=-1)).squeeze(-1) for head in self.heads]
+
+
 def inputs(name: str, seed: int = 0):
     g = gen(seed)
     if name == "cnn":
@@ -122,7 +164,15 @@ def inputs(name: str, seed: int = 0):
     return torch.randn(12, 6, generator=g, dtype=DTYPE)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "transformer": TransformerBlock, "reused": Reused, "tied": Tied}
+MODELS = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "transformer": TransformerBlock,
+    "reused": Reused,
+    "tied": Tied,
+    "decoders": Decoders,
+    "skip_heads": SkipHeads,
+}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -183,12 +233,76 @@ def loop_then_gram(reference: nn.Module, model: nn.Module, x) -> tuple:
 
 
 # vmap has no batching rule for CPU flash attention's backward: torch warns of a slower fallback.
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# The Decoders model's adapter is, on purpose, a shared layer that one task alone reaches.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*reached by the loss of 'task 0' only:UserWarning"),
+]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gram_and_grad_equal_the_loop_engine(name: str) -> None:
     assert_same_step(name, UPGrad)
+
+
+def parts_found(monkeypatch, name: str) -> list:
+    """The tasks' parts the engine found in a step of model ``name`` (None: no split)."""
+    found = []
+
+    def spy(*args, **kwargs):
+        found.append(find(*args, **kwargs))
+        return found[-1]
+
+    find = _task_parts.find
+    monkeypatch.setattr(_task_parts, "find", spy)
+    assert_same_step(name, UPGrad)
+    return found
+
+
+def test_each_tasks_own_part_is_differentiated_alone(monkeypatch) -> None:
+    """The heads are differentiated one task at a time, and the vmapped backward starts where
+    the tasks' parts end: the trunk's output for the decoders, the task without parameters of
+    its own and the gated decoder (with the gate's row too), the shared head's output for the
+    two tasks that share it."""
+    (parts,) = parts_found(monkeypatch, "decoders")
+    assert parts is not None and parts.own == [True] * 5
+    ends = [{type(parts.edges[i].node).__name__ for i in frontier} for frontier in parts.frontier]
+    assert ends[0] == ends[4] == {"_IdentityBackward"}  # the adapter's, the gate's output
+    assert parts.frontier[0] != parts.frontier[4]
+    assert ends[1] == {"_IdentityBackward", "SelectBackward0"}
+    assert ends[2] == ends[3] == {"SqueezeBackward1"}  # the shared head's output
+    assert parts.frontier[2] == parts.frontier[3]
+    (parts,) = parts_found(monkeypatch, "mlp")
+    assert parts is not None and all(f == parts.frontier[0] for f in parts.frontier)
+
+
+def test_parts_that_end_one_below_another_are_not_split(monkeypatch) -> None:
+    """A head reading the trunk's output and an intermediate below it: the gradient at the
+    intermediate includes the path through the output, so a split would count it twice (checked:
+    forcing it gives a different G); the engine does without it, and stays exact."""
+    assert parts_found(monkeypatch, "skip_heads") == [None]
+    monkeypatch.setattr(_task_parts, "_is_cut", lambda nodes: True)
+    reference, expected = step("skip_heads", UPGrad(), "loop")
+    _, forced = step("skip_heads", UPGrad(), "gram")
+    assert not torch.allclose(forced.gram, expected.gram, rtol=1e-3)
+
+
+def test_the_same_loss_for_two_tasks_and_a_constant_loss() -> None:
+    """A loss given twice has no part of its own (two edges lead into it); a constant loss has
+    no graph: both are exact beside a task whose head is split off."""
+    records = []
+    for engine in ("loop", "gram"):
+        model = build("mlp")
+        how = mtlgrad.GramEngine(model) if engine == "gram" else engine
+        outputs = model(inputs("mlp"))
+        first = outputs[0].pow(2).mean()
+        losses = [first, outputs[1].pow(2).mean(), first]
+        records.append(
+            mtlgrad.backward(
+                losses, shared_params=shared_of(model), aggregator=UPGrad(), engine=how
+            )
+        )
+    torch.testing.assert_close(records[1].gram, records[0].gram, rtol=1e-10, atol=0)
 
 
 def test_the_anchor_is_no_ones_parameter() -> None:
@@ -479,10 +593,10 @@ def test_an_engine_built_after_the_forward_warns() -> None:
 
 
 def test_the_stages_show_in_the_profiler() -> None:
-    # The backward over the tasks, each layer's contribution and the write are named ranges
-    # (benchmarks/profile_gram_engine.py reads them).
+    # The heads, the backward over the tasks, each layer's contribution and the write are named
+    # ranges (benchmarks/profile_gram_engine.py reads them).
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step("mlp", UPGrad(), "gram")
     names = {event.key for event in profile.key_averages()}
-    for stage in ("backward", "layer", "write"):
+    for stage in ("heads", "backward", "layer", "write"):
         assert f"mtlgrad::gram_engine::{stage}" in names, sorted(names)[:20]

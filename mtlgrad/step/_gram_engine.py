@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mtlgrad import ops
 from mtlgrad.aggregators import Aggregation, Aggregator, GramAggregator
+from mtlgrad.step import _task_parts as task_parts
 from mtlgrad.step._distributed import LayerAverages, Ranks
 from mtlgrad.step._layer_grams import (
     Block,
@@ -184,7 +185,8 @@ class GramEngine:
             )
         if ranks is not None:
             ranks.check_same("the Gram engine's plan", plan.describe())
-        phase = _run(self, stacked, plan, T, ranks)
+        parts = task_parts.find(stacked, scan.indegree, _blocked(self, plan))
+        phase = _run(self, stacked, plan, T, ranks, parts)
         return TaskGram(
             names=list(names),
             losses=list(losses),
@@ -307,6 +309,22 @@ class _Identity(torch.autograd.Function):
         return (None, None, anchor_grad, *grads)
 
 
+def _blocked(engine: GramEngine, plan: _Plan) -> Any:
+    """Whether a node may not be in a task's own part: a hooked shared layer's hand-over node,
+    or a node that uses a shared parameter."""
+    identity = _Identity._backward_cls  # type: ignore[attr-defined]
+    shared = {id(p) for p in plan.shared}
+
+    def blocked(node: Any) -> bool:
+        if type(node) is identity and node.engine is engine:
+            return id(node.call.layer) in plan.layer_params
+        return any(
+            id(getattr(child, "variable", None)) in shared for child, _ in node.next_functions
+        )
+
+    return blocked
+
+
 # ---- one walk of the graph ---------------------------------------------------------------------
 
 
@@ -314,11 +332,14 @@ class _Identity(torch.autograd.Function):
 class _Scan:
     calls: dict[int, list[_Call]] = field(default_factory=dict)  # id(layer) -> calls reached
     consumers: dict[int, set] = field(default_factory=dict)  # id(param) -> nodes using it
+    indegree: dict = field(default_factory=dict)  # node -> edges into it from reached nodes
 
 
 def _scan(stacked: Tensor, engine: GramEngine) -> _Scan:
-    """The hooked calls the losses reach, and every node that uses a hooked parameter."""
+    """The hooked calls the losses reach, every node that uses a hooked parameter, and how many
+    edges lead into each node (for the tasks' own parts, :mod:`mtlgrad.step._task_parts`)."""
     scan = _Scan()
+    indegree = scan.indegree
     covered = engine._owners
     identity = _Identity._backward_cls  # type: ignore[attr-defined]
     stack = [stacked.grad_fn]
@@ -338,6 +359,7 @@ def _scan(stacked: Tensor, engine: GramEngine) -> _Scan:
                 if id(variable) in covered:
                     scan.consumers.setdefault(id(variable), set()).add(node)
                 continue
+            indegree[child] = indegree.get(child, 0) + 1
             stack.append(child)
     return scan
 
@@ -560,21 +582,33 @@ class _Phase:
 
 
 def _run(
-    engine: GramEngine, stacked: Tensor, plan: _Plan, T: int, ranks: Ranks | None = None
+    engine: GramEngine,
+    stacked: Tensor,
+    plan: _Plan,
+    T: int,
+    ranks: Ranks | None = None,
+    parts: task_parts.TaskParts | None = None,
 ) -> _Phase:
-    """The Gram computation: one vmapped backward (or one per task where vmap cannot run); under
-    torch.distributed (``ranks``), each layer's T gradients averaged over the ranks first."""
+    """The Gram computation: one vmapped backward (or one per task where vmap cannot run), from
+    the losses or, where the tasks have parts of the graph of their own (``parts``), from where
+    those end, each task's part differentiated alone first; under torch.distributed
+    (``ranks``), each layer's T gradients averaged over the ranks first."""
     device = stacked.device
     anchor = engine.anchor(device)
     free = [plan.shared[k] for k in plan.free]
     targets = [anchor, *free]
-    eye = torch.eye(T, dtype=stacked.dtype, device=device)
+    if parts is None:
+        outputs: list[Any] = [stacked]
+        seeds = [torch.eye(T, dtype=stacked.dtype, device=device)]
+    else:
+        with torch.profiler.record_function("mtlgrad::gram_engine::heads"):
+            outputs, seeds = list(parts.edges), parts.seeds(stacked.dtype, device)
 
-    def one(rows: Tensor) -> tuple[Tensor, ...]:
+    def one(*rows: Tensor) -> tuple[Tensor, ...]:
         return torch.autograd.grad(
-            stacked,
+            outputs,
             targets,
-            grad_outputs=rows,
+            grad_outputs=list(rows),
             retain_graph=True,
             allow_unused=True,
             materialize_grads=True,
@@ -589,7 +623,7 @@ def _run(
     try:
         try:
             with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
-                results = torch.vmap(one)(eye)
+                results = torch.vmap(one)(*seeds)
             free_grads = list(results[1:])
         except RuntimeError as error:
             if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
@@ -600,7 +634,7 @@ def _run(
             per_task = []
             for t in range(T):
                 phase.task = t
-                per_task.append(one(eye[t])[1:])
+                per_task.append(one(*[s[t] for s in seeds])[1:])
             phase.finish_loop()
             free_grads = [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
         for key in list(phase.received):
