@@ -11,7 +11,7 @@ from training_helpers import NoVmap, gram_aggregator_classes, make_aggregator
 import mtlgrad
 from mtlgrad.aggregators import MGDA, PCGrad, Sum, UPGrad
 from mtlgrad.optim import MTLOptimizer
-from mtlgrad.step import _layer_grams, _task_parts
+from mtlgrad.step import _gram_engine, _layer_grams, _task_parts
 from mtlgrad.step._differentiate import partition
 
 DTYPE = torch.float64
@@ -240,8 +240,13 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("one_task_at_a_time", [False, True], ids=["vmapped", "task_by_task"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_gram_and_grad_equal_the_loop_engine(name: str) -> None:
+def test_gram_and_grad_equal_the_loop_engine(monkeypatch, name: str, one_task_at_a_time) -> None:
+    """Both ways of running the backward over the tasks: vmapped, and one task at a time (each
+    materialising layer's gradient taken as the task's output gradients arrive; the ghost
+    layers keep them until the last task)."""
+    monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: one_task_at_a_time)
     assert_same_step(name, UPGrad)
 
 
@@ -303,6 +308,60 @@ def test_the_same_loss_for_two_tasks_and_a_constant_loss() -> None:
             )
         )
     torch.testing.assert_close(records[1].gram, records[0].gram, rtol=1e-10, atol=0)
+
+
+class WideCNN(nn.Module):
+    """Many rows, few parameters: 32 x 32 images, 4 and 8 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3)
+        )
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+
+    def forward(self, x):
+        z = self.trunk(x).mean(dim=(2, 3))
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def test_the_chain_runs_one_task_at_a_time_where_that_holds_less(monkeypatch) -> None:
+    """A convolutional trunk whose layers all materialise and whose activations outnumber its
+    parameters runs one task at a time, and keeps no task's output gradients (each task's layer
+    gradients are taken as they arrive); an MLP with ghost-way layers is vmapped."""
+    chosen, kept = [], []
+    holds_less = _gram_engine._Plan.holds_less_per_task
+
+    def spy(self, *args):
+        chosen.append(holds_less(self, *args))
+        return chosen[-1]
+
+    finish_loop = _gram_engine._Phase.finish_loop
+
+    def spy_finish(phase):
+        kept.append(len(phase.loop_grads))
+        return finish_loop(phase)
+
+    monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", spy)
+    monkeypatch.setattr(_gram_engine._Phase, "finish_loop", spy_finish)
+    torch.manual_seed(0)
+    reference, model = WideCNN().to(DTYPE), WideCNN().to(DTYPE)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen(0), dtype=DTYPE)
+    expected, record = loop_then_gram(reference, model, x)
+    assert chosen == [True] and kept == [0]
+    torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    chosen.clear()
+    wide = MLP()  # few rows, wide layers: the ghost way, which needs the T output gradients
+    wide.trunk = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 64))
+    wide.heads = nn.ModuleList(nn.Linear(64, 1) for _ in range(3))
+    wide = wide.to(DTYPE)
+    engine = mtlgrad.GramEngine(wide)
+    losses = losses_of(wide, inputs("mlp")[:4])
+    mtlgrad.backward(losses, shared_params=shared_of(wide), aggregator=UPGrad(), engine=engine)
+    assert chosen == [False]
 
 
 def test_the_anchor_is_no_ones_parameter() -> None:
@@ -474,7 +533,12 @@ def test_grad_scaler() -> None:
     assert all(torch.isnan(p.grad).all() for p in shared_of(overflowing))
 
 
-def test_a_nonfinite_gradient_names_its_task_and_parameter_and_writes_nothing() -> None:
+@pytest.mark.parametrize("one_task_at_a_time", [False, True])
+def test_a_nonfinite_gradient_names_its_task_and_parameter_and_writes_nothing(
+    monkeypatch, one_task_at_a_time: bool
+) -> None:
+    if one_task_at_a_time:
+        monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: True)
     model = build("mlp")
     engine = mtlgrad.GramEngine(model)
     outputs = model(inputs("mlp"))

@@ -11,14 +11,20 @@ How it works:
 2. ``differentiate`` walks the graph once: which hooked calls the losses reach, and whether each
    shared parameter is used only inside its module's calls. A parameter used elsewhere too (tied
    to another module, used functionally), or owned by no hooked module, is a *free* parameter.
-3. One vmapped backward over the T tasks (``torch.vmap`` of ``autograd.grad``) towards a scalar
-   anchor that every identity node feeds: it computes the gradients with respect to activations
-   only, never the parameters' (autograd skips what the anchor does not need). Each identity node
-   receives its outputs' T gradients, and as soon as a module's calls have all arrived its
-   contribution is added to G and its gradients are dropped. The free parameters' T gradients
-   come out of the same backward, and their Gram comes from the native ``gram`` op. Where vmap
-   cannot run, the same backward runs once per task.
-4. The aggregator's weights from G; then one ordinary backward of ``Σ_t w_t L_t`` writes
+3. Each task's own part of the graph (its head: what no other loss reaches) is differentiated
+   alone, to where it ends (:mod:`mtlgrad.step._task_parts`), so that the heads are not run
+   for T batched rows of which T - 1 are zeros.
+4. One vmapped backward over the T tasks (``torch.vmap`` of ``autograd.grad``) from there towards
+   a scalar anchor that every identity node feeds: it computes the gradients with respect to
+   activations only, never the parameters' (autograd skips what the anchor does not need). Each
+   identity node receives its outputs' T gradients, and as soon as a module's calls have all
+   arrived its contribution is added to G and its gradients are dropped. The free parameters' T
+   gradients come out of the same backward, and their Gram comes from the native ``gram`` op.
+   Where no layer takes the ghost way and the T gradients of the shared parameters are fewer
+   numbers than the T batched activation gradients (many rows, few parameters: a convolutional
+   trunk), the backward runs one task at a time instead, and each layer's gradient for the task
+   is taken as its output gradients arrive; so it does where vmap cannot run.
+5. The aggregator's weights from G; then one ordinary backward of ``Σ_t w_t L_t`` writes
    ``d = Jᵀ w`` into the shared ``.grad``, and the heads get their own task's gradient.
 """
 
@@ -45,6 +51,7 @@ from mtlgrad.step._layer_grams import (
     contribution,
     generic_gradients,
     handler_for,
+    planned_way,
 )
 
 __all__ = ["GramEngine"]
@@ -186,7 +193,9 @@ class GramEngine:
         if ranks is not None:
             ranks.check_same("the Gram engine's plan", plan.describe())
         parts = task_parts.find(stacked, scan.indegree, _blocked(self, plan))
-        phase = _run(self, stacked, plan, T, ranks, parts)
+        ways = plan.ways(scan, T)
+        one_task_at_a_time = ranks is None and plan.holds_less_per_task(scan, ways, T)
+        phase = _run(self, stacked, plan, T, ranks, parts, ways, one_task_at_a_time)
         return TaskGram(
             names=list(names),
             losses=list(losses),
@@ -222,7 +231,11 @@ class _ForwardHook:
         originals = tuple(flat[i] for i in positions)
         handler = self.layer.handler
         saved = handler.save(module, args, kwargs) if handler.save is not None else {}
-        data = LayerCall(saved, originals if handler.contribution is None else ())
+        data = LayerCall(
+            saved,
+            originals if handler.contribution is None else (),
+            output_shapes=tuple(o.shape for o in originals),
+        )
         call = _Call(self.layer, data, _consumers_in_call(module, originals, args, kwargs))
         wrapped = _Identity.apply(engine, call, engine.anchor(originals[0].device), *originals)
         for i, w in zip(positions, wrapped):
@@ -305,7 +318,9 @@ class _Identity(torch.autograd.Function):
             _Sink.apply(phase, ctx.call, *grads)
         # The anchor's gradient: zero, but one that depends on the batch, so that the vmapped
         # backward has to run every identity node on its way to the anchor.
-        anchor_grad = grads[0].reshape(-1)[:1].sum() * 0
+        # (One element, read in place: a reshape of a non-contiguous gradient would copy it.)
+        first = grads[0]
+        anchor_grad = first[(0,) * first.dim()] * 0
         return (None, None, anchor_grad, *grads)
 
 
@@ -409,6 +424,48 @@ class _Plan:
         expected = {key: len(scan.calls.get(key, [])) for key in layer_params}
         return _Plan(layer_params, layers, expected, free, reached, list(shared))
 
+    def ways(self, scan: _Scan, T: int) -> dict[int, str]:
+        """Each layer's way (ghost or materialise) in a step with T tasks."""
+        return {
+            key: planned_way(
+                layer.module,
+                layer.handler.name,
+                [c.data for c in scan.calls.get(key, [])],
+                self.layer_params[key],
+                T,
+            )
+            for key, layer in self.layers.items()
+        }
+
+    def holds_less_per_task(self, scan: _Scan, ways: dict[int, str], T: int) -> bool:
+        """Whether the backward over the tasks should run one task at a time: where no layer
+        takes the ghost way (which needs the T output gradients of a layer at once) and the T
+        gradients of the reached shared parameters, which the materialising way then keeps
+        until the last task has run, are fewer numbers than what the vmapped backward holds at
+        least: T times the largest hooked call's output gradients and its input's (taken as as
+        many), and T times the largest layer's gradients, materialised at its turn. Many rows
+        and few parameters (a convolutional trunk) run one task at a time; then the step also
+        does without vmap's batching of each node."""
+        if any(way == "ghost" for way in ways.values()):
+            return False
+        gradients = sum(self.shared[k].numel() for k in self.reached)
+        largest_call = max(
+            (
+                sum(shape.numel() for shape in call.data.output_shapes)
+                for key in self.layer_params
+                for call in scan.calls.get(key, [])
+            ),
+            default=0,
+        )
+        largest_layer = max(
+            (
+                sum(self.shared[k].numel() for k in params.values())
+                for params in self.layer_params.values()
+            ),
+            default=0,
+        )
+        return gradients < 2 * largest_call + largest_layer
+
     def layout(self) -> list[tuple[Any, list[tuple[int, torch.Size, torch.dtype, torch.device]]]]:
         """What each layer's T gradients look like under torch.distributed, in the order they
         are averaged: the layers from the last shared parameter to the first (the order of the
@@ -455,9 +512,11 @@ class _Phase:
         device: torch.device,
         loop: bool,
         averaging: LayerAverages | None = None,
+        ways: dict[int, str] | None = None,
     ) -> None:
         self.plan = plan
         self.averaging = averaging
+        self.ways = ways or {}
         self.T = T
         self.loop = loop
         self.task = 0
@@ -468,6 +527,9 @@ class _Phase:
         self.received: dict[int, list[_Call]] = {}
         self.generic: dict[int, list[list[Tensor]]] = {}
         self.loop_grads: dict[int, dict[int, list[Tensor]]] = {}  # id(call) -> task -> grads
+        # One task at a time, the materialising layers: id(layer) -> position -> T x gradient.
+        self.task_grads: dict[int, dict[int, Tensor]] = {}
+        self.memos: list[dict] = []  # the calls' saved dicts given a memo, dropped at the end
 
     def receive(self, call: _Call, grads: list[Tensor]) -> None:
         key = id(call.layer)
@@ -475,7 +537,10 @@ class _Phase:
         if not params:
             return
         if self.loop:
-            # One task at a time: keep its gradients until every task has run.
+            if self.ways.get(key) != "ghost" and self.averaging is None:
+                self._add_task_gradients(call, params, grads)
+                return
+            # The ghost way needs every task's output gradients: keep them until all have run.
             per_task = self.loop_grads.setdefault(id(call), {})
             if not per_task:
                 self.received.setdefault(key, []).append(call)
@@ -487,6 +552,30 @@ class _Phase:
             self._add_generic(call, params)
         if len(self.received[key]) == self.plan.expected[key]:
             self.finish(key)
+
+    def _add_task_gradients(self, call: _Call, params: dict[str, int], grads: list[Tensor]) -> None:
+        """One task at a time: this call's part of the task's gradient of each of the layer's
+        parameters, added to the layer's T x gradient buffers (the output gradients go)."""
+        layer = call.layer
+        if "memo" not in call.data.saved:  # what its handler computes for every task, once
+            call.data.saved["memo"] = {}
+            self.memos.append(call.data.saved)
+        data = LayerCall(call.data.saved, call.data.originals, grads)
+        if layer.handler.contribution is None:
+            self.muted = True  # the module's own part of the graph may hold other hooked calls
+            try:
+                (own,) = generic_gradients(layer.module, data, params, 1)
+            finally:
+                self.muted = False
+            pairs = list(zip(params.values(), own))
+        else:
+            blocks = contribution(layer.module, layer.handler, [data], params, 1, gradients=True)
+            pairs = [(b.position, b.grads[0]) for b in blocks]
+        buffers = self.task_grads.setdefault(id(layer), {})
+        for position, g in pairs:
+            if position not in buffers:
+                buffers[position] = g.new_zeros(self.T, *g.shape)
+            buffers[position][self.task] += g
 
     def _add_generic(self, call: _Call, params: dict[str, int]) -> None:
         self.muted = True  # the module's own part of the graph may hold other hooked calls
@@ -559,7 +648,18 @@ class _Phase:
         self.first_bad = torch.minimum(self.first_bad, table[index.to(self.first_bad.device)])
 
     def finish_loop(self) -> None:
-        """After the per-task backward passes: stack each call's T gradients, then add."""
+        """After the per-task backward passes: the Gram of each materialising layer's T
+        gradients; each ghost layer's calls' T output gradients stacked, then added."""
+        with torch.profiler.record_function("mtlgrad::gram_engine::layer"):
+            for buffers in self.task_grads.values():
+                positions = list(buffers)
+                flat = [buffers[p][t] for t in range(self.T) for p in positions]
+                G, bad = torch.ops.mtlgrad.gram(flat, self.T)
+                self._add(G, bad, positions)
+        self.task_grads.clear()
+        for saved in self.memos:
+            saved.pop("memo", None)
+        self.memos.clear()
         self.loop = False
         pending = self.received
         self.received = {}
@@ -588,11 +688,14 @@ def _run(
     T: int,
     ranks: Ranks | None = None,
     parts: task_parts.TaskParts | None = None,
+    ways: dict[int, str] | None = None,
+    one_task_at_a_time: bool = False,
 ) -> _Phase:
-    """The Gram computation: one vmapped backward (or one per task where vmap cannot run), from
-    the losses or, where the tasks have parts of the graph of their own (``parts``), from where
-    those end, each task's part differentiated alone first; under torch.distributed
-    (``ranks``), each layer's T gradients averaged over the ranks first."""
+    """The Gram computation: one vmapped backward, or one backward per task (where the plan
+    says it holds less, ``one_task_at_a_time``, or where vmap cannot run), from the losses or,
+    where the tasks have parts of the graph of their own (``parts``), from where those end, each
+    task's part differentiated alone first; under torch.distributed (``ranks``), each layer's T
+    gradients averaged over the ranks first."""
     device = stacked.device
     anchor = engine.anchor(device)
     free = [plan.shared[k] for k in plan.free]
@@ -614,29 +717,34 @@ def _run(
             materialize_grads=True,
         )
 
-    def averaging() -> LayerAverages | None:
-        return None if ranks is None else LayerAverages(ranks, plan.layout(), T, phase._add)
+    def start(loop: bool) -> _Phase:
+        phase = _Phase(plan, T, device, loop=loop, ways=ways)
+        if ranks is not None:
+            phase.averaging = LayerAverages(ranks, plan.layout(), T, phase._add)
+        engine._phase = phase
+        return phase
 
-    phase = _Phase(plan, T, device, loop=False)
-    phase.averaging = averaging()
-    engine._phase = phase
+    def task_by_task() -> list[Tensor]:
+        per_task = []
+        for t in range(T):
+            phase.task = t
+            per_task.append(one(*[s[t] for s in seeds])[1:])
+        phase.finish_loop()
+        return [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
+
+    phase = start(loop=one_task_at_a_time)
     try:
-        try:
-            with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
-                results = torch.vmap(one)(*seeds)
-            free_grads = list(results[1:])
-        except RuntimeError as error:
-            if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
-                raise
-            phase = _Phase(plan, T, device, loop=True)
-            phase.averaging = averaging()
-            engine._phase = phase
-            per_task = []
-            for t in range(T):
-                phase.task = t
-                per_task.append(one(*[s[t] for s in seeds])[1:])
-            phase.finish_loop()
-            free_grads = [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
+        with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
+            if one_task_at_a_time:
+                free_grads = task_by_task()
+            else:
+                try:
+                    free_grads = list(torch.vmap(one)(*seeds)[1:])
+                except RuntimeError as error:
+                    if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
+                        raise
+                    phase = start(loop=True)
+                    free_grads = task_by_task()
         for key in list(phase.received):
             phase.finish(key)  # calls that never completed (their count was off): add them now
         for key in list(phase.generic):

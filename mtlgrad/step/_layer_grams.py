@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Block", "LayerCall", "contribution", "gram64", "handler_for", "weight_row_costs"]
+__all__ = [
+    "Block",
+    "LayerCall",
+    "contribution",
+    "gram64",
+    "handler_for",
+    "planned_way",
+    "weight_row_costs",
+]
 
 
 @dataclass
@@ -49,6 +57,7 @@ class LayerCall:
     saved: dict[str, Any]
     originals: tuple[Tensor, ...] = ()  # the outputs before the engine's identity (generic path)
     grads: list[Tensor] = field(default_factory=list)  # T-batched gradients of the outputs
+    output_shapes: tuple[torch.Size, ...] = ()  # of the outputs the identity hands over
 
 
 @dataclass
@@ -102,6 +111,24 @@ def _way(rows: int, fan_in: int, fan_out: int, tasks: int, gradients: bool) -> s
         return FORCE_WAY[0]
     ghost, materialise = weight_row_costs(rows, fan_in, fan_out, tasks)
     return "ghost" if ghost <= materialise else "materialise"
+
+
+def planned_way(
+    module: nn.Module, handler_name: str, calls: Sequence[LayerCall], params: dict, T: int
+) -> str:
+    """The way a module's contribution takes in a step with T tasks, known from what its forward
+    calls kept (before the backward): "ghost" for a Linear or convolution weight the cost model
+    gives to it, else "materialise" (every other parameter's contribution comes from its T
+    gradients)."""
+    if "weight" not in params:
+        return "materialise"
+    if handler_name == "linear":
+        rows = sum(c.saved["input"].numel() // module.in_features for c in calls)
+        return _way(rows, module.in_features, module.out_features, T, False)
+    if handler_name == "conv":
+        rows = sum(c.output_shapes[0].numel() // module.out_channels for c in calls)
+        return _way(rows, module.weight[0].numel(), module.out_channels, T, False)
+    return "materialise"
 
 
 def _rows_gram(X: Tensor, D: Tensor, way: str) -> Tensor:
@@ -257,6 +284,18 @@ def _embedding(
 # ---- norm layers ---------------------------------------------------------------------------------
 
 
+def _memo(call: LayerCall, name: str, compute: Callable[[LayerCall], Tensor]) -> Tensor:
+    """``compute(call)``, kept for the handler's next task where the engine runs one task at a
+    time (it gives the call a ``saved["memo"]`` dict then, and drops it after the last task);
+    computed afresh otherwise."""
+    memo = call.saved.get("memo")
+    if memo is None:
+        return compute(call)
+    if name not in memo:
+        memo[name] = compute(call)
+    return memo[name]
+
+
 def _affine(normalised: Tensor, D: Tensor, reduce_dims: tuple[int, ...], params: dict) -> list:
     result = []
     if "weight" in params:
@@ -270,14 +309,16 @@ def _layer_norm(
     module: nn.LayerNorm, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
 ) -> list:
     dims = tuple(range(-len(module.normalized_shape), 0))
-    parts = []
-    for c in calls:
+
+    def normalise(c: LayerCall) -> Tensor:
         x = _float(c.saved["input"])
         mean = x.mean(dim=dims, keepdim=True)
         var = x.var(dim=dims, unbiased=False, keepdim=True)
-        normalised = ((x - mean) / torch.sqrt(var + module.eps)).reshape(
-            -1, *module.normalized_shape
-        )
+        return ((x - mean) / torch.sqrt(var + module.eps)).reshape(-1, *module.normalized_shape)
+
+    parts = []
+    for c in calls:
+        normalised = _memo(c, "normalised", normalise)
         D = _float(c.grads[0]).reshape(T, -1, *module.normalized_shape)
         parts.append((normalised, D))
     normalised = _cat([p[0] for p in parts])
@@ -288,18 +329,22 @@ def _layer_norm(
 def _group_norm(
     module: nn.GroupNorm, calls: Sequence[LayerCall], params: dict, T: int, gradients: bool
 ) -> list:
-    parts = []
-    for c in calls:
+
+    def normalise(c: LayerCall) -> Tensor:  # C x (B·positions)
         x = _float(c.saved["input"])
         B, C = x.shape[:2]
         grouped = x.reshape(B, module.num_groups, -1)
         mean = grouped.mean(dim=2, keepdim=True)
         var = grouped.var(dim=2, unbiased=False, keepdim=True)
         normalised = ((grouped - mean) / torch.sqrt(var + module.eps)).reshape(B, C, -1)
+        return normalised.transpose(0, 1).reshape(C, -1)
+
+    parts = []
+    for c in calls:
+        B, C = c.saved["input"].shape[:2]
+        normalised = _memo(c, "normalised", normalise)
         D = _float(c.grads[0]).reshape(T, B, C, -1)
-        parts.append(
-            (normalised.transpose(0, 1).reshape(C, -1), D.transpose(1, 2).reshape(T, C, -1))
-        )
+        parts.append((normalised, D.transpose(1, 2).reshape(T, C, -1)))
     normalised = _cat([p[0] for p in parts], dim=1)
     D = _cat([p[1] for p in parts], dim=2)
     return _affine(normalised.unsqueeze(0), D, (2,), params)
@@ -308,8 +353,8 @@ def _group_norm(
 def _batch_norm(
     module: nn.modules.batchnorm._BatchNorm, calls, params: dict, T: int, gradients: bool
 ) -> list:
-    weight, bias = [], []
-    for c in calls:
+
+    def normalise(c: LayerCall) -> Tensor:  # B x C x positions
         x = _float(c.saved["input"])
         B, C = x.shape[:2]
         x = x.reshape(B, C, -1)
@@ -319,9 +364,15 @@ def _batch_norm(
         else:
             mean = _float(c.saved["running_mean"]).reshape(1, C, 1)
             var = _float(c.saved["running_var"]).reshape(1, C, 1)
+        return (x - mean) / torch.sqrt(var + module.eps)
+
+    weight, bias = [], []
+    for c in calls:
+        B, C = c.saved["input"].shape[:2]
         D = _float(c.grads[0]).reshape(T, B, C, -1)
         if "weight" in params:
-            weight.append((D * ((x - mean) / torch.sqrt(var + module.eps))).sum(dim=(1, 3)))
+            normalised = _memo(c, "normalised", normalise)
+            weight.append((D * normalised).sum(dim=(1, 3)))
         if "bias" in params:
             bias.append(D.sum(dim=(1, 3)))
     result = []
