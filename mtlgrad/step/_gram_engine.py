@@ -443,9 +443,10 @@ class _Plan:
         gradients of the reached shared parameters, which the materialising way then keeps
         until the last task has run, are fewer numbers than what the vmapped backward holds at
         least: T times the largest hooked call's output gradients and its input's (taken as as
-        many), and T times the largest layer's gradients, materialised at its turn. Many rows
-        and few parameters (a convolutional trunk) run one task at a time; then the step also
-        does without vmap's batching of each node."""
+        many). Many rows and few parameters (a convolutional trunk) run one task at a time; then
+        the step also does without vmap's batching of each node. Where the two are close (the
+        engines table's transformer), the vmapped backward, which never holds the T gradients
+        of all parameters, is kept."""
         if any(way == "ghost" for way in ways.values()):
             return False
         gradients = sum(self.shared[k].numel() for k in self.reached)
@@ -457,14 +458,7 @@ class _Plan:
             ),
             default=0,
         )
-        largest_layer = max(
-            (
-                sum(self.shared[k].numel() for k in params.values())
-                for params in self.layer_params.values()
-            ),
-            default=0,
-        )
-        return gradients < 2 * largest_call + largest_layer
+        return gradients < 2 * largest_call
 
     def layout(self) -> list[tuple[Any, list[tuple[int, torch.Size, torch.dtype, torch.device]]]]:
         """What each layer's T gradients look like under torch.distributed, in the order they
