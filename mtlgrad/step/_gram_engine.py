@@ -21,9 +21,10 @@ How it works:
    arrived its contribution is added to G and its gradients are dropped. The free parameters' T
    gradients come out of the same backward, and their Gram comes from the native ``gram`` op.
    Where no layer takes the ghost way and the T gradients of the shared parameters are fewer
-   numbers than the T batched activation gradients (many rows, few parameters: a convolutional
-   trunk), the backward runs one task at a time instead, and each layer's gradient for the task
-   is taken as its output gradients arrive; so it does where vmap cannot run.
+   numbers than twice the largest call's T-batched output gradients (many rows, few parameters:
+   a convolutional trunk), the backward runs one task at a time instead, and each layer's
+   gradient for the task is taken as its output gradients arrive; so it does where vmap cannot
+   run.
 5. The aggregator's weights from G; then one ordinary backward of ``Σ_t w_t L_t`` writes
    ``d = Jᵀ w`` into the shared ``.grad``, and the heads get their own task's gradient.
 """
