@@ -240,13 +240,24 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("one_task_at_a_time", [False, True], ids=["vmapped", "task_by_task"])
+def fail_vmap(monkeypatch) -> None:
+    """Makes the engine's vmapped backward fail, as where a node has no batching rule."""
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("vmap: no batching rule (the test's)")
+
+    monkeypatch.setattr(torch, "vmap", failing)
+
+
+@pytest.mark.parametrize("vmapped", [True, False], ids=["vmapped", "task_by_task"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_gram_and_grad_equal_the_loop_engine(monkeypatch, name: str, one_task_at_a_time) -> None:
-    """Both ways of running the backward over the tasks: vmapped, and one task at a time (each
-    materialising layer's gradient taken as the task's output gradients arrive; the ghost
-    layers keep them until the last task)."""
-    monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: one_task_at_a_time)
+def test_gram_and_grad_equal_the_loop_engine(monkeypatch, name: str, vmapped: bool) -> None:
+    """Both ways of running the backward over the tasks: vmapped, and one task at a time where
+    vmap fails (each materialising layer's gradient taken as the task's output gradients
+    arrive; the ghost layers keep them until the last task)."""
+    monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: False)
+    if not vmapped:
+        fail_vmap(monkeypatch)
     assert_same_step(name, UPGrad)
 
 
@@ -325,31 +336,30 @@ class WideCNN(nn.Module):
         return [h(z).squeeze(-1) for h in self.heads]
 
 
-def test_the_chain_runs_one_task_at_a_time_where_that_holds_less(monkeypatch) -> None:
+def test_many_rows_and_few_parameters_take_the_gradients_per_task(monkeypatch) -> None:
     """A convolutional trunk whose layers all materialise and whose activations outnumber its
-    parameters runs one task at a time, and keeps no task's output gradients (each task's layer
-    gradients are taken as they arrive); an MLP with ghost-way layers is vmapped."""
-    chosen, kept = [], []
+    parameters takes the T gradients by one backward per task (no vmapped backward runs); an
+    MLP with ghost-way layers is vmapped."""
+    chosen, vmapped = [], []
     holds_less = _gram_engine._Plan.holds_less_per_task
+    vmap = torch.vmap
 
     def spy(self, *args):
         chosen.append(holds_less(self, *args))
         return chosen[-1]
 
-    finish_loop = _gram_engine._Phase.finish_loop
-
-    def spy_finish(phase):
-        kept.append(len(phase.loop_grads))
-        return finish_loop(phase)
+    def spy_vmap(*args, **kwargs):
+        vmapped.append(True)
+        return vmap(*args, **kwargs)
 
     monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", spy)
-    monkeypatch.setattr(_gram_engine._Phase, "finish_loop", spy_finish)
+    monkeypatch.setattr(torch, "vmap", spy_vmap)
     torch.manual_seed(0)
     reference, model = WideCNN().to(DTYPE), WideCNN().to(DTYPE)
     model.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=gen(0), dtype=DTYPE)
     expected, record = loop_then_gram(reference, model, x)
-    assert chosen == [True] and kept == [0]
+    assert chosen == [True] and not vmapped
     torch.testing.assert_close(record.gram, expected.gram, rtol=1e-10, atol=0)
     for p, q in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
@@ -361,7 +371,7 @@ def test_the_chain_runs_one_task_at_a_time_where_that_holds_less(monkeypatch) ->
     engine = mtlgrad.GramEngine(wide)
     losses = losses_of(wide, inputs("mlp")[:4])
     mtlgrad.backward(losses, shared_params=shared_of(wide), aggregator=UPGrad(), engine=engine)
-    assert chosen == [False]
+    assert chosen == [False] and vmapped
 
 
 def test_the_anchor_is_no_ones_parameter() -> None:
@@ -533,12 +543,14 @@ def test_grad_scaler() -> None:
     assert all(torch.isnan(p.grad).all() for p in shared_of(overflowing))
 
 
-@pytest.mark.parametrize("one_task_at_a_time", [False, True])
+@pytest.mark.parametrize("how", ["vmapped", "task_by_task", "per_task_gradients"])
 def test_a_nonfinite_gradient_names_its_task_and_parameter_and_writes_nothing(
-    monkeypatch, one_task_at_a_time: bool
+    monkeypatch, how: str
 ) -> None:
-    if one_task_at_a_time:
-        monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: True)
+    per_task = how == "per_task_gradients"
+    monkeypatch.setattr(_gram_engine._Plan, "holds_less_per_task", lambda *args: per_task)
+    if how == "task_by_task":
+        fail_vmap(monkeypatch)
     model = build("mlp")
     engine = mtlgrad.GramEngine(model)
     outputs = model(inputs("mlp"))

@@ -20,11 +20,13 @@ How it works:
    identity node receives its outputs' T gradients, and as soon as a module's calls have all
    arrived its contribution is added to G and its gradients are dropped. The free parameters' T
    gradients come out of the same backward, and their Gram comes from the native ``gram`` op.
+   Where vmap cannot run, the backward runs once per task, and each materialising layer's
+   gradient for the task is taken as its output gradients arrive.
+
    Where no layer takes the ghost way and the T gradients of the shared parameters are fewer
    numbers than twice the largest call's T-batched output gradients (many rows, few parameters:
-   a convolutional trunk), the backward runs one task at a time instead, and each layer's
-   gradient for the task is taken as its output gradients arrive; so it does where vmap cannot
-   run.
+   a convolutional trunk), the engine takes them by one backward per task instead, as the loop
+   engine does, and writes ``Jᵀ w`` from them.
 5. The aggregator's weights from G; then one ordinary backward of ``Σ_t w_t L_t`` writes
    ``d = Jᵀ w`` into the shared ``.grad``, and the heads get their own task's gradient.
 """
@@ -44,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from mtlgrad import ops
 from mtlgrad.aggregators import Aggregation, Aggregator, GramAggregator
 from mtlgrad.step import _task_parts as task_parts
+from mtlgrad.step._differentiate import TaskGradients, differentiate
 from mtlgrad.step._distributed import LayerAverages, Ranks
 from mtlgrad.step._layer_grams import (
     Block,
@@ -175,9 +178,11 @@ class GramEngine:
         *,
         retain_graph: bool,
         ranks: Ranks | None = None,
-    ) -> TaskGram:
+    ) -> TaskGram | TaskGradients:
         """G of the losses' gradients with respect to ``shared`` (the first stage of the step);
-        under torch.distributed (``ranks``), G of the gradients averaged over the ranks."""
+        under torch.distributed (``ranks``), G of the gradients averaged over the ranks. Where
+        the plan says the T gradients hold less than the T-batched activation gradients
+        (:meth:`_Plan.holds_less_per_task`), the T gradients themselves, one backward per task."""
         if not self._handles:
             raise RuntimeError("this GramEngine's hooks were removed; build a new one")
         T = len(losses)
@@ -193,10 +198,16 @@ class GramEngine:
             )
         if ranks is not None:
             ranks.check_same("the Gram engine's plan", plan.describe())
-        parts = task_parts.find(stacked, scan.indegree, _blocked(self, plan))
         ways = plan.ways(scan, T)
-        one_task_at_a_time = ranks is None and plan.holds_less_per_task(scan, ways, T)
-        phase = _run(self, stacked, plan, T, ranks, parts, ways, one_task_at_a_time)
+        if ranks is None and plan.holds_less_per_task(scan, ways, T):
+            # Many rows, few parameters: the T gradients are fewer numbers than the T-batched
+            # activation gradients, and one backward per task gives them (the loop engine's
+            # step: the update is then Jᵀw, without a backward of Σ_t w_t L_t).
+            return differentiate(
+                names, losses, shared, heads, engine="loop", retain_graph=retain_graph
+            )
+        parts = task_parts.find(stacked, scan.indegree, _blocked(self, plan))
+        phase = _run(self, stacked, plan, T, ranks, parts, ways)
         return TaskGram(
             names=list(names),
             losses=list(losses),
@@ -439,15 +450,15 @@ class _Plan:
         }
 
     def holds_less_per_task(self, scan: _Scan, ways: dict[int, str], T: int) -> bool:
-        """Whether the backward over the tasks should run one task at a time: where no layer
-        takes the ghost way (which needs the T output gradients of a layer at once) and the T
-        gradients of the reached shared parameters, which the materialising way then keeps
-        until the last task has run, are fewer numbers than what the vmapped backward holds at
-        least: T times the largest hooked call's output gradients and its input's (taken as as
-        many). Many rows and few parameters (a convolutional trunk) run one task at a time; then
-        the step also does without vmap's batching of each node. Where the two are close (the
-        engines table's transformer), the vmapped backward, which never holds the T gradients
-        of all parameters, is kept."""
+        """Whether the step should take the T gradients by one backward per task (the loop
+        engine's way): where no layer takes the ghost way (which needs the T output gradients
+        of a layer at once) and the T gradients of the reached shared parameters are fewer
+        numbers than what the vmapped backward holds at least: T times the largest hooked call's
+        output gradients and its input's (taken as as many). Many rows and few parameters (a
+        convolutional trunk) take them per task; then the step also does without vmap's batching
+        of each node and without the write's backward. Where the two are close (the engines
+        table's transformer), the vmapped backward, which never holds the T gradients of all
+        parameters, is kept."""
         if any(way == "ghost" for way in ways.values()):
             return False
         gradients = sum(self.shared[k].numel() for k in self.reached)
@@ -684,13 +695,11 @@ def _run(
     ranks: Ranks | None = None,
     parts: task_parts.TaskParts | None = None,
     ways: dict[int, str] | None = None,
-    one_task_at_a_time: bool = False,
 ) -> _Phase:
-    """The Gram computation: one vmapped backward, or one backward per task (where the plan
-    says it holds less, ``one_task_at_a_time``, or where vmap cannot run), from the losses or,
-    where the tasks have parts of the graph of their own (``parts``), from where those end, each
-    task's part differentiated alone first; under torch.distributed (``ranks``), each layer's T
-    gradients averaged over the ranks first."""
+    """The Gram computation: one vmapped backward (or one per task where vmap cannot run), from
+    the losses or, where the tasks have parts of the graph of their own (``parts``), from where
+    those end, each task's part differentiated alone first; under torch.distributed
+    (``ranks``), each layer's T gradients averaged over the ranks first."""
     device = stacked.device
     anchor = engine.anchor(device)
     free = [plan.shared[k] for k in plan.free]
@@ -727,19 +736,16 @@ def _run(
         phase.finish_loop()
         return [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
 
-    phase = start(loop=one_task_at_a_time)
+    phase = start(loop=False)
     try:
         with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
-            if one_task_at_a_time:
+            try:
+                free_grads = list(torch.vmap(one)(*seeds)[1:])
+            except RuntimeError as error:
+                if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
+                    raise
+                phase = start(loop=True)
                 free_grads = task_by_task()
-            else:
-                try:
-                    free_grads = list(torch.vmap(one)(*seeds)[1:])
-                except RuntimeError as error:
-                    if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
-                        raise
-                    phase = start(loop=True)
-                    free_grads = task_by_task()
         for key in list(phase.received):
             phase.finish(key)  # calls that never completed (their count was off): add them now
         for key in list(phase.generic):
