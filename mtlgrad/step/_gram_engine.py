@@ -199,7 +199,7 @@ class GramEngine:
         if ranks is not None:
             ranks.check_same("the Gram engine's plan", plan.describe())
         ways = plan.ways(scan, T)
-        if ranks is None and plan.holds_less_per_task(scan, ways, T):
+        if ranks is None and plan.holds_less_per_task(scan, ways):
             # Many rows, few parameters: the T gradients are fewer numbers than the T-batched
             # activation gradients, and one backward per task gives them (the loop engine's
             # step: the update is then Jᵀw, without a backward of Σ_t w_t L_t).
@@ -449,7 +449,7 @@ class _Plan:
             for key, layer in self.layers.items()
         }
 
-    def holds_less_per_task(self, scan: _Scan, ways: dict[int, str], T: int) -> bool:
+    def holds_less_per_task(self, scan: _Scan, ways: dict[int, str]) -> bool:
         """Whether the step should take the T gradients by one backward per task (the loop
         engine's way): where no layer takes the ghost way (which needs the T output gradients
         of a layer at once) and the T gradients of the reached shared parameters are fewer
@@ -563,10 +563,7 @@ class _Phase:
         """One task at a time: this call's part of the task's gradient of each of the layer's
         parameters, added to the layer's T x gradient buffers (the output gradients go)."""
         layer = call.layer
-        if "memo" not in call.data.saved:  # what its handler computes for every task, once
-            call.data.saved["memo"] = {}
-            self.memos.append(call.data.saved)
-        data = LayerCall(call.data.saved, call.data.originals, grads)
+        data = LayerCall(call.data.saved, call.data.originals, grads, call.data.output_shapes)
         if layer.handler.contribution is None:
             self.muted = True  # the module's own part of the graph may hold other hooked calls
             try:
@@ -575,6 +572,9 @@ class _Phase:
                 self.muted = False
             pairs = list(zip(params.values(), own))
         else:
+            if "memo" not in data.saved:  # what its handler computes for every task, once
+                data.saved["memo"] = {}
+                self.memos.append(data.saved)
             blocks = contribution(layer.module, layer.handler, [data], params, 1, gradients=True)
             pairs = [(b.position, b.grads[0]) for b in blocks]
         buffers = self.task_grads.setdefault(id(layer), {})
@@ -728,14 +728,6 @@ def _run(
         engine._phase = phase
         return phase
 
-    def task_by_task() -> list[Tensor]:
-        per_task = []
-        for t in range(T):
-            phase.task = t
-            per_task.append(one(*[s[t] for s in seeds])[1:])
-        phase.finish_loop()
-        return [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
-
     phase = start(loop=False)
     try:
         with torch.profiler.record_function("mtlgrad::gram_engine::backward"):
@@ -745,7 +737,12 @@ def _run(
                 if "vmap" not in str(error).lower() and "batch" not in str(error).lower():
                     raise
                 phase = start(loop=True)
-                free_grads = task_by_task()
+                per_task = []
+                for t in range(T):
+                    phase.task = t
+                    per_task.append(one(*[s[t] for s in seeds])[1:])
+                phase.finish_loop()
+                free_grads = [torch.stack([g[i] for g in per_task]) for i in range(len(free))]
         for key in list(phase.received):
             phase.finish(key)  # calls that never completed (their count was off): add them now
         for key in list(phase.generic):

@@ -102,11 +102,8 @@ def weight_row_costs(rows: int, fan_in: int, fan_out: int, tasks: int) -> tuple[
     return ghost, materialise
 
 
-def _way(rows: int, fan_in: int, fan_out: int, tasks: int, gradients: bool) -> str:
-    """The cheaper way by the cost model (or as a test forces it); the materialising way when
-    the gradients themselves are asked for."""
-    if gradients:
-        return "materialise"
+def _way(rows: int, fan_in: int, fan_out: int, tasks: int) -> str:
+    """The cheaper way by the cost model (or as a test forces it)."""
     if FORCE_WAY[0] is not None:
         return FORCE_WAY[0]
     ghost, materialise = weight_row_costs(rows, fan_in, fan_out, tasks)
@@ -124,10 +121,10 @@ def planned_way(
         return "materialise"
     if handler_name == "linear":
         rows = sum(c.saved["input"].numel() // module.in_features for c in calls)
-        return _way(rows, module.in_features, module.out_features, T, False)
+        return _way(rows, module.in_features, module.out_features, T)
     if handler_name == "conv":
         rows = sum(c.output_shapes[0].numel() // module.out_channels for c in calls)
-        return _way(rows, module.weight[0].numel(), module.out_channels, T, False)
+        return _way(rows, module.weight[0].numel(), module.out_channels, T)
     return "materialise"
 
 
@@ -166,7 +163,7 @@ def _linear(
     D = _cat([_float(c.grads[0]).reshape(T, -1, module.out_features) for c in calls], dim=1)
     result = []
     if "weight" in params:
-        way = _way(X.shape[0], module.in_features, module.out_features, T, gradients)
+        way = "materialise" if gradients else planned_way(module, "linear", calls, params, T)
         result.append(_rows_block(params["weight"], X, D, way))
     if "bias" in params:
         result.append(Block(params["bias"], grads=D.sum(dim=1)))
@@ -233,8 +230,7 @@ def _conv(
     grads = [_float(c.grads[0]) for c in calls]
     result = []
     if "weight" in params:
-        rows = sum(g[0].numel() // module.out_channels for g in grads)
-        way = _way(rows, module.weight[0].numel(), module.out_channels, T, gradients)
+        way = "materialise" if gradients else planned_way(module, "conv", calls, params, T)
         if way == "ghost":
             X = _cat([_conv_rows(module, x) for x in inputs])
             D = _cat(
